@@ -1,0 +1,1 @@
+"""ssl4ecg_cmsc plugin (under construction)."""

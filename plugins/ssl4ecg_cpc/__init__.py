@@ -1,0 +1,1 @@
+"""ssl4ecg_cpc plugin (under construction)."""

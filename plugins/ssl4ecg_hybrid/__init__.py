@@ -1,0 +1,1 @@
+"""ssl4ecg_hybrid plugin (under construction)."""

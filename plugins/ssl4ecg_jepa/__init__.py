@@ -1,0 +1,1 @@
+"""ssl4ecg_jepa plugin (under construction)."""

@@ -1,0 +1,1 @@
+"""ssl4ecg_simclr plugin (under construction)."""

@@ -1,0 +1,1 @@
+"""ssl4ecg_stmem plugin (under construction)."""

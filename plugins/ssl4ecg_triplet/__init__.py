@@ -1,0 +1,1 @@
+"""ssl4ecg_triplet plugin (under construction)."""

@@ -1,0 +1,1 @@
+"""ssl4ecg_vqvae plugin (under construction)."""

@@ -1,0 +1,1 @@
+"""Data layer: sources, preprocessing, record sets and batch loaders."""

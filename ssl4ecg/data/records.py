@@ -1,0 +1,117 @@
+"""RecordSet: a dataset held as arrays (in memory or memory-mapped), with labels and splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ssl4ecg.interfaces import Batch, SignalSpec
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class RecordSet:
+    """Records of one dataset after (or before) preprocessing.
+
+    ``signals`` is ``[N, leads, T]`` float32 once preprocessed; a raw source may return a
+    list of ``[leads, T_i]`` arrays instead (ragged lengths), which preprocessing fixes.
+    ``labels`` is ``[N, C]`` multi-hot float32 or ``None``; ``splits`` holds ``"train"``,
+    ``"val"``, ``"test"`` or ``""`` (unassigned) per record; ``extra`` holds per-record
+    numeric arrays such as ground-truth ``heart_rate`` and ``qrs_ms`` (NaN = unknown).
+    """
+
+    signals: np.ndarray | list
+    leads: tuple[str, ...]
+    sampling_rate: float
+    record_ids: np.ndarray
+    patient_ids: np.ndarray | None = None
+    splits: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: records a source could not read: list of (record id or file, reason)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.signals)
+        self.record_ids = np.asarray(self.record_ids).astype(str)
+        if self.patient_ids is None:
+            self.patient_ids = self.record_ids.copy()
+        self.patient_ids = np.asarray(self.patient_ids).astype(str)
+        if self.splits is None:
+            self.splits = np.full(n, "", dtype="<U5")
+        self.splits = np.asarray(self.splits).astype("<U5")
+        for name, arr in [("record_ids", self.record_ids), ("patient_ids", self.patient_ids),
+                          ("splits", self.splits)]:
+            if len(arr) != n:
+                raise ValueError(f"RecordSet.{name} has {len(arr)} entries for {n} records")
+        if self.labels is not None and len(self.labels) != n:
+            raise ValueError(f"RecordSet.labels has {len(self.labels)} rows for {n} records")
+
+    def __len__(self) -> int:
+        return len(self.signals)
+
+    @property
+    def n_samples(self) -> int:
+        if isinstance(self.signals, np.ndarray):
+            return int(self.signals.shape[-1])
+        raise ValueError("ragged RecordSet has no single length; preprocess it first")
+
+    @property
+    def spec(self) -> SignalSpec:
+        return SignalSpec(tuple(self.leads), float(self.sampling_rate), self.n_samples)
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.labels is not None and len(self.class_names) > 0
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> "RecordSet":
+        """The records at ``index`` (an int array or a bool mask), in that order."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if isinstance(self.signals, np.ndarray):
+            signals = self.signals[index]
+        else:
+            signals = [self.signals[i] for i in index]
+        return replace(
+            self,
+            signals=signals,
+            record_ids=self.record_ids[index],
+            patient_ids=self.patient_ids[index],
+            splits=self.splits[index],
+            labels=None if self.labels is None else self.labels[index],
+            extra={k: v[index] for k, v in self.extra.items()},
+            dropped=list(self.dropped),
+        )
+
+    def split(self, *names: str) -> "RecordSet":
+        """The records whose split is one of ``names``."""
+        return self.subset(np.isin(self.splits, names))
+
+    def to_batch(self, index: np.ndarray | Sequence[int] | None = None) -> Batch:
+        """A :class:`Batch` of the records at ``index`` (all records when ``None``)."""
+        part = self if index is None else self.subset(index)
+        signal = torch.from_numpy(np.ascontiguousarray(part.signals, dtype=np.float32))
+        labels = None if part.labels is None else torch.from_numpy(
+            np.asarray(part.labels, dtype=np.float32))
+        extra = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in part.extra.items()
+                 if np.issubdtype(np.asarray(v).dtype, np.number)}
+        return Batch(signal=signal, leads=tuple(part.leads), sampling_rate=float(part.sampling_rate),
+                     labels=labels, record_ids=list(part.record_ids),
+                     patient_ids=list(part.patient_ids), extra=extra)
+
+    def summary(self) -> dict:
+        """Counts per split and per class, for logs and `data info`."""
+        out: dict = {"records": len(self), "leads": list(self.leads),
+                     "sampling_rate": self.sampling_rate}
+        out["splits"] = {s: int((self.splits == s).sum()) for s in SPLITS}
+        if self.is_labelled:
+            out["classes"] = {c: int(self.labels[:, i].sum()) for i, c in enumerate(self.class_names)}
+        if self.dropped:
+            out["dropped"] = len(self.dropped)
+        return out

@@ -1,0 +1,1 @@
+"""The one training loop, optimiser groups, schedules and checkpoints."""
