@@ -78,11 +78,17 @@ class Batch:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where training stands, passed to objectives every step."""
+    """Where training stands, passed to objectives every step.
+
+    ``generator`` is the loop's CPU random generator for data-side randomness (masks,
+    augmentations, view sampling). Objectives draw from it, never from global state, so
+    that a checkpoint (which stores its state) resumes bit-exactly.
+    """
 
     step: int  # optimiser steps completed before this one
     total_steps: int  # the schedule horizon (all schedules are relative to it)
     epoch: int
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     @property
     def progress(self) -> float:
