@@ -80,20 +80,24 @@ class Registry:
                 f"Run `ssl4ecg plugins` to list them."
             ) from None
 
-    def build(self, kind: str, name: str, options: dict[str, Any], section: str, **injected: Any) -> Any:
-        """Build component ``name`` from recipe ``options``; ``section`` names the recipe place in errors."""
+    def check(self, kind: str, name: str, options: dict[str, Any], section: str) -> Component:
+        """Check recipe ``options`` of component ``name`` (keys, required keys, obvious types)."""
         component = self.get(kind, name)
         valid = component.options()
-        for key in options:
+        for key, value in options.items():
             if key not in valid:
                 raise ConfigError(
                     f"[{section}] unknown key '{key}' for {kind} '{name}'.{did_you_mean(key, valid)}"
                 )
+            _check_type(section, key, value, valid[key])
         missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in options]
         if missing:
             raise ConfigError(f"[{section}] {kind} '{name}' needs {', '.join(repr(m) for m in missing)}.")
-        for key, value in options.items():
-            _check_type(section, key, value, valid[key])
+        return component
+
+    def build(self, kind: str, name: str, options: dict[str, Any], section: str, **injected: Any) -> Any:
+        """Build component ``name`` from recipe ``options``; ``section`` names the recipe place in errors."""
+        component = self.check(kind, name, options, section)
         params = inspect.signature(component.factory).parameters
         extra = {k: v for k, v in injected.items() if k in params}
         try:

@@ -1,1 +1,247 @@
-"""ssl4ecg_cpc plugin (under construction)."""
+"""CPC, Contrastive Predictive Coding (Oord et al. 2018) for ECG (Mehari & Strodthoff 2022).
+
+Registers encoder ``"cpc_encoder"`` (strided 1-D convolutions -> latent sequence z_t) and
+objective ``"cpc"`` (autoregressive context network c_t, per-offset linear predictors
+W_k for k = 1..K, InfoNCE against other time steps and other samples). See
+``docs/methods/cpc.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ssl4ecg import hookimpl
+from ssl4ecg.errors import ConfigError
+from ssl4ecg.interfaces import Batch, Encoder, LossOutput, Objective, SignalSpec, StepInfo
+from ssl4ecg.nn.conv_encoders import ConvEncoder
+from ssl4ecg.nn.losses import info_nce_from_logits
+
+
+class CPCEncoder(ConvEncoder):
+    """CPC's encoder g_enc: a stack of 1-D convolutions (each + batch norm + ReLU) giving z_t.
+
+    ``features``, ``kernel_sizes`` and ``strides`` list one entry per layer. The default
+    (four 1x1 convolutions, 512 channels, stride 1) is the ECG setting of Mehari &
+    Strodthoff: one latent vector per input sample. ``strides = [5, 4, 2, 2, 2]``,
+    ``kernel_sizes = [10, 8, 4, 4, 4]`` with five 512 entries is Oord et al.'s audio encoder.
+    tokens = z sequence ``[B, T / prod(strides), features[-1]]``; embed = mean of z over time.
+    """
+
+    def __init__(
+        self,
+        spec: SignalSpec,
+        features: Sequence[int] = (512, 512, 512, 512),
+        kernel_sizes: Sequence[int] = (1, 1, 1, 1),
+        strides: Sequence[int] = (1, 1, 1, 1),
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__(spec)
+        if not (len(features) == len(kernel_sizes) == len(strides)) or len(features) == 0:
+            raise ValueError(
+                f"features, kernel_sizes and strides need one entry per layer and the same length; got "
+                f"{len(features)}, {len(kernel_sizes)}, {len(strides)}"
+            )
+        for key, values in (("features", features), ("kernel_sizes", kernel_sizes), ("strides", strides)):
+            if any((not isinstance(v, int)) or v < 1 for v in values):
+                raise ValueError(f"{key} must be positive integers, got {list(values)}")
+        layers: list[nn.Module] = []
+        in_ch = spec.n_leads
+        for f, k, s in zip(features, kernel_sizes, strides):
+            layers.append(nn.Conv1d(in_ch, f, k, stride=s, padding=(k - 1) // 2, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(f))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = f
+        self.layers = nn.Sequential(*layers)
+        self.embed_dim = in_ch
+        self.downsampling = 1
+        for s in strides:
+            self.downsampling *= s
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, n_leads, T]`` -> z ``[B, features[-1], T']``."""
+        return self.layers(x)
+
+
+class ContextNetwork(nn.Module):
+    """The autoregressive g_ar: a unidirectional LSTM or GRU over z_t giving c_t."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, num_layers: int, kind: str) -> None:
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
+        self.rnn = rnn(input_dim, hidden_dim, num_layers=num_layers, batch_first=True)
+        self.output_dim = hidden_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [B, T', D]`` -> ``c [B, T', H]`` (c_t sees z_1..z_t only)."""
+        return self.rnn(z)[0]
+
+
+class CPCContextEncoder(Encoder):
+    """Encoder + context network as one :class:`Encoder`: tokens = c_t, embed = mean of c_t over time.
+
+    What ``cpc`` evaluators score by default (``representation = "context"``); it holds
+    references to the objective's modules, not copies.
+    """
+
+    def __init__(self, encoder: Encoder, context: ContextNetwork) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.context = context
+        self.spec = encoder.spec
+        self.embed_dim = context.output_dim
+
+    def tokens(self, x: torch.Tensor, leads: Sequence[str] | None = None) -> torch.Tensor:
+        """Context sequence ``[B, T', H]``."""
+        return self.context(self.encoder.tokens(x, leads))
+
+
+def random_crops(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """A random window of ``length`` samples from every record of ``x [B, L, T]`` (start per sample)."""
+    b, n_leads, n = x.shape
+    if length >= n:
+        return x
+    start = torch.randint(0, n - length + 1, (b,), generator=generator)
+    index = (start[:, None] + torch.arange(length)).to(x.device)
+    return x.gather(2, index[:, None, :].expand(b, n_leads, length))
+
+
+class CPC(Objective):
+    """CPC: predict z_{t+k} from c_t with W_k (k = 1..prediction_steps), InfoNCE over candidates.
+
+    For every offset k and time t the candidates are the true z_{t+k} and ``num_negatives``
+    latents drawn uniformly from all (sample, time) positions of the batch (other time steps
+    of the same record and other records; one draw per offset shared by all predictions, a
+    draw that hits a prediction's own positive is left out of its denominator).
+    ``num_negatives = 0`` uses every position of the batch. Scores are ``z . W_k c_t /
+    temperature`` (``normalize = true``: cosine). The loss is the mean over offsets.
+    Records are randomly cropped to ``crop_seconds`` first (Mehari & Strodthoff: 2.5 s;
+    0 = whole records).
+    ``representation`` picks what evaluators score: ``"context"`` (mean of c_t) or
+    ``"latent"`` (the encoder's mean of z_t). Needs an encoder whose tokens are a time
+    sequence (``cpc_encoder``, ``resnet1d``).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        spec: SignalSpec,
+        context: str = "lstm",
+        context_dim: int = 512,
+        context_layers: int = 2,
+        prediction_steps: int = 12,
+        num_negatives: int = 128,
+        temperature: float = 1.0,
+        normalize: bool = False,
+        crop_seconds: float = 2.5,
+        representation: str = "context",
+    ) -> None:
+        super().__init__()
+        if context not in ("lstm", "gru"):
+            raise ValueError(f"context must be 'lstm' or 'gru', got {context!r}")
+        if representation not in ("context", "latent"):
+            raise ValueError(f"representation must be 'context' or 'latent', got {representation!r}")
+        for key, value, low in (
+            ("context_dim", context_dim, 1),
+            ("context_layers", context_layers, 1),
+            ("prediction_steps", prediction_steps, 1),
+            ("num_negatives", num_negatives, 0),
+        ):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if crop_seconds < 0:
+            raise ValueError(f"crop_seconds must be > 0, or 0 for whole records; got {crop_seconds}")
+        self.crop = spec.n_samples
+        if crop_seconds > 0:
+            self.crop = min(spec.n_samples, max(1, int(round(crop_seconds * spec.sampling_rate))))
+        self.encoder = encoder
+        self.spec = spec
+        self.context = ContextNetwork(encoder.embed_dim, context_dim, context_layers, context)
+        self.predictors = nn.ModuleList(
+            nn.Linear(context_dim, encoder.embed_dim, bias=False) for _ in range(prediction_steps)
+        )
+        self.prediction_steps = prediction_steps
+        self.num_negatives = num_negatives
+        self.temperature = float(temperature)
+        self.normalize = normalize
+        self.representation = representation
+
+    def representation_encoder(self) -> Encoder:
+        """encoder + context network (``"context"``) or the bare encoder (``"latent"``)."""
+        if self.representation == "latent":
+            return self.encoder
+        return CPCContextEncoder(self.encoder, self.context)
+
+    def _crop_samples(self, sampling_rate: float) -> int:
+        if sampling_rate == self.spec.sampling_rate:
+            return self.crop
+        return int(round(self.crop / self.spec.sampling_rate * sampling_rate))
+
+    def offset_logits(
+        self, pred: torch.Tensor, z: torch.Tensor, k: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits, positive mask and excluded entries for offset ``k``.
+
+        ``pred [B, T'-k, D]`` are the predictions from c_0..c_{T'-k-1}; ``z [B, T', D]``.
+        Sampled negatives: column 0 holds the positive, columns 1.. the negatives.
+        """
+        b, n_tok, d = z.shape
+        n_pred = n_tok - k
+        q = pred.reshape(b * n_pred, d)
+        z_flat = z.reshape(b * n_tok, d)
+        # flat index of each prediction's positive z_{t+k}
+        pos_index = (torch.arange(b)[:, None] * n_tok + torch.arange(k, n_tok)[None, :]).reshape(-1).to(z.device)
+        if self.normalize:
+            q, z_flat = nn.functional.normalize(q, dim=1), nn.functional.normalize(z_flat, dim=1)
+        if self.num_negatives == 0:
+            logits = q @ z_flat.t() / self.temperature
+            positives = torch.zeros_like(logits, dtype=torch.bool)
+            positives[torch.arange(q.shape[0], device=z.device), pos_index] = True
+            return logits, positives, None
+        neg_index = torch.randint(0, b * n_tok, (self.num_negatives,), generator=generator).to(z.device)
+        pos_logit = (q * z_flat[pos_index]).sum(dim=1, keepdim=True)
+        neg_logits = q @ z_flat[neg_index].t()
+        logits = torch.cat([pos_logit, neg_logits], dim=1) / self.temperature
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        positives[:, 0] = True
+        exclude = torch.zeros_like(positives)
+        exclude[:, 1:] = neg_index[None, :] == pos_index[:, None]
+        return logits, positives, exclude
+
+    def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
+        """Mean over k = 1..K of InfoNCE(W_k c_t vs z_{t+k})."""
+        x = random_crops(batch.signal, self._crop_samples(batch.sampling_rate), step.generator)
+        z = self.encoder.tokens(x, batch.leads)  # [B, T', D]
+        n_tok = z.shape[1]
+        if n_tok <= self.prediction_steps:
+            raise ConfigError(
+                f"cpc: the encoder turns {x.shape[-1]}-sample crops into {n_tok} latent steps, but predicting "
+                f"{self.prediction_steps} steps ahead needs more than {self.prediction_steps}; raise "
+                f"[objective] crop_seconds or lower prediction_steps (or the encoder's strides)."
+            )
+        c = self.context(z)
+        total = z.new_zeros((), dtype=torch.float32)
+        correct = 0.0
+        for k in range(1, self.prediction_steps + 1):
+            pred = self.predictors[k - 1](c[:, : n_tok - k])
+            logits, positives, exclude = self.offset_logits(pred, z, k, step.generator)
+            total = total + info_nce_from_logits(logits, positives, exclude=exclude)
+            with torch.no_grad():
+                masked = logits.float() if exclude is None else logits.float().masked_fill(exclude, float("-inf"))
+                hit = positives.gather(1, masked.argmax(dim=1, keepdim=True))
+                correct += float(hit.float().mean())
+        loss = total / self.prediction_steps
+        rep = (c if self.representation == "context" else z).mean(dim=1).detach()
+        return LossOutput(loss, {"accuracy": correct / self.prediction_steps}, representation=rep)
+
+
+@hookimpl
+def ssl4ecg_register(registry) -> None:
+    """Register encoder ``cpc_encoder`` and objective ``cpc``."""
+    registry.add("encoder", "cpc_encoder", CPCEncoder)
+    registry.add("objective", "cpc", CPC)

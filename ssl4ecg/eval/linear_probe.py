@@ -1,0 +1,243 @@
+"""Linear evaluation: one linear layer on frozen pooled features (the ECG-JEPA protocol)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ssl4ecg.errors import ConfigError
+from ssl4ecg.eval.common import (
+    Task,
+    check_float,
+    check_float_list,
+    check_positive_int,
+    cosine_lr,
+    prepare_task,
+    seeded,
+)
+from ssl4ecg.eval.features import extract_features
+from ssl4ecg.eval.metrics import auc_macro, score_classification
+from ssl4ecg.interfaces import EvalContext, Encoder, Evaluator
+
+
+@dataclass
+class ProbeFit:
+    """A trained linear head with the standardisation and the choices made on val."""
+
+    weight: np.ndarray  # [C, D]
+    bias: np.ndarray  # [C]
+    mean: np.ndarray  # [D] feature mean subtracted before the head (zeros without standardize)
+    scale: np.ndarray  # [D] feature std the features are divided by (ones without standardize)
+    multi_label: bool
+    epoch: int  # 1-based epoch chosen on val
+    lr: float
+    weight_decay: float
+    val_auc_macro: float
+    val_history: list[float] = field(default_factory=list)  # val AUC per epoch of the chosen lr/wd
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities ``[N, C]``: sigmoid (multi-label) or softmax (multi-class)."""
+        z = (np.asarray(features, np.float64) - self.mean) / self.scale
+        logits = torch.from_numpy(z @ self.weight.T.astype(np.float64) + self.bias)
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        return probs.numpy()
+
+
+def _standardizer(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not standardize:
+        return np.zeros(x.shape[1]), np.ones(x.shape[1])
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+def _train_one(
+    x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: np.ndarray, multi_label: bool,
+    epochs: int, lr: float, weight_decay: float, batch_size: int, warmup_epochs: int, seed: int,
+) -> tuple[dict[str, torch.Tensor], int, float, list[float]]:
+    """Train one head; return the state of the best val epoch, that epoch, its AUC and the history."""
+    n, d = x_tr.shape
+    n_classes = y_va.shape[1]
+    with seeded(seed):
+        head = nn.Linear(d, n_classes).double()
+    opt = torch.optim.AdamW(
+        [{"params": [head.weight], "weight_decay": weight_decay},
+         {"params": [head.bias], "weight_decay": 0.0}],
+        lr=lr,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-n // batch_size)
+    total = epochs * steps_per_epoch
+    warmup = min(warmup_epochs, epochs) * steps_per_epoch
+    best_state, best_epoch, best_auc, history = None, 0, -np.inf, []
+    step = 0
+    for epoch in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, warmup, lr)
+            logits = head(x_tr[idx])
+            if multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx])
+            else:
+                loss = F.cross_entropy(logits, y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        with torch.no_grad():
+            logits = head(x_va)
+            probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+        val_auc = auc_macro(y_va, probs.numpy())
+        history.append(float(val_auc))
+        if np.isfinite(val_auc) and val_auc > best_auc:
+            best_auc, best_epoch = float(val_auc), epoch + 1
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    if best_state is None:
+        raise ConfigError(
+            "the val split has no class with both positive and negative records, so nothing can be "
+            "chosen on it; use a larger or stratified val split."
+        )
+    return best_state, best_epoch, best_auc, history
+
+
+def fit_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+    multi_label: bool = True, standardize: bool = True, epochs: int = 10,
+    lrs: tuple[float, ...] = (5e-4,), weight_decays: tuple[float, ...] = (0.05,),
+    batch_size: int = 32, warmup_epochs: int = 3, seed: int = 0,
+) -> ProbeFit:
+    """Train a linear head on ``x_train`` and choose lr, weight decay and epoch by val macro AUC.
+
+    ``y_*`` are ``[n, C]`` multi-hot (multi-label, BCE loss) or one-hot (multi-class, softmax
+    cross-entropy) targets. AdamW (no decay on the bias), per-step linear warm-up over
+    ``warmup_epochs`` then cosine decay to zero, mini-batches of ``batch_size`` shuffled by a
+    generator seeded with ``seed``; the head is trained in float64 on the CPU (it is tiny), so
+    results are reproducible. The head state of the epoch with the best val macro AUC is kept
+    (the earliest one on ties); the test split is never seen here.
+    """
+    mean, scale = _standardizer(x_train, standardize)
+    x_tr = torch.from_numpy((np.asarray(x_train, np.float64) - mean) / scale)
+    x_va = torch.from_numpy((np.asarray(x_val, np.float64) - mean) / scale)
+    if multi_label:
+        y_tr = torch.from_numpy(np.asarray(y_train, np.float64))
+    else:
+        y_tr = torch.from_numpy(np.argmax(y_train, axis=1)).long()
+    best: tuple | None = None
+    for lr in lrs:
+        for wd in weight_decays:
+            state, epoch, val_auc, history = _train_one(
+                x_tr, y_tr, x_va, np.asarray(y_val), multi_label, epochs, lr, wd, batch_size,
+                warmup_epochs, seed,
+            )
+            if best is None or val_auc > best[2]:
+                best = (state, epoch, val_auc, history, lr, wd)
+    state, epoch, val_auc, history, lr, wd = best
+    return ProbeFit(
+        weight=state["weight"].numpy(), bias=state["bias"].numpy(), mean=mean, scale=scale,
+        multi_label=multi_label, epoch=epoch, lr=float(lr), weight_decay=float(wd),
+        val_auc_macro=float(val_auc), val_history=history,
+    )
+
+
+class LinearProbe(Evaluator):
+    """Linear probe on frozen pooled features; epoch (and lr/wd grid) chosen on val macro AUC.
+
+    Defaults follow ECG-JEPA's linear evaluation: AdamW lr 5e-4, weight decay 0.05, batch 32,
+    cosine schedule with 3 warm-up epochs, 10 epochs. ``multi_label=False`` keeps single-label
+    records only and trains a softmax classifier (one-vs-rest AUC, argmax F1). Test macro AUC,
+    macro F1 and per-class AUC are reported with percentile bootstrap intervals.
+    """
+
+    name = "linear_probe"
+
+    def __init__(
+        self,
+        multi_label: bool = True,
+        standardize: bool = True,
+        epochs: int = 10,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        batch_size: int = 32,
+        warmup_epochs: int = 3,
+        lr_grid: tuple = (),
+        weight_decay_grid: tuple = (),
+        threshold: float = 0.5,
+        bootstrap: int = 1000,
+        alpha: float = 0.05,
+    ) -> None:
+        n = self.name
+        self.multi_label = bool(multi_label)
+        self.standardize = bool(standardize)
+        self.epochs = check_positive_int(n, "epochs", epochs)
+        self.lr = check_float(n, "lr", lr, 0.0, 10.0, low_open=True)
+        self.weight_decay = check_float(n, "weight_decay", weight_decay, 0.0, 10.0)
+        self.batch_size = check_positive_int(n, "batch_size", batch_size)
+        self.warmup_epochs = check_positive_int(n, "warmup_epochs", warmup_epochs, minimum=0)
+        self.lr_grid = check_float_list(n, "lr_grid", lr_grid, 0.0, 10.0, low_open=True)
+        self.weight_decay_grid = check_float_list(n, "weight_decay_grid", weight_decay_grid, 0.0, 10.0)
+        self.threshold = check_float(n, "threshold", threshold, 0.0, 1.0)
+        self.bootstrap = check_positive_int(n, "bootstrap", bootstrap, minimum=0)
+        self.alpha = check_float(n, "alpha", alpha, 0.0, 0.5, low_open=True)
+
+    def probe_options(self) -> dict[str, Any]:
+        """The options that define how the head is trained and scored."""
+        return {
+            "multi_label": self.multi_label, "standardize": self.standardize,
+            "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size, "warmup_epochs": self.warmup_epochs,
+            "lr_grid": list(self.lr_grid), "weight_decay_grid": list(self.weight_decay_grid),
+            "threshold": self.threshold, "bootstrap": self.bootstrap, "alpha": self.alpha,
+            "selection": "val auc_macro",
+        }
+
+    def protocol(self) -> dict[str, Any]:
+        """Evaluator name and options (the task part is added by :meth:`evaluate`)."""
+        return {"evaluator": self.name, **self.probe_options()}
+
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            seed: int) -> ProbeFit:
+        """Train the head with this evaluator's options (see :func:`fit_probe`)."""
+        return fit_probe(
+            x_train, y_train, x_val, y_val, multi_label=self.multi_label,
+            standardize=self.standardize, epochs=self.epochs,
+            lrs=self.lr_grid or (self.lr,), weight_decays=self.weight_decay_grid or (self.weight_decay,),
+            batch_size=self.batch_size, warmup_epochs=self.warmup_epochs, seed=seed,
+        )
+
+    def score_features(self, task: Task, feats: dict[str, np.ndarray], seed: int,
+                       bootstrap: int | None = None, train_rows: np.ndarray | None = None) -> dict[str, Any]:
+        """Fit on ``feats["train"]`` (rows ``train_rows`` only, if given), choose on val, score test."""
+        x_tr, y_tr = feats["train"], task.targets["train"]
+        if train_rows is not None:
+            x_tr, y_tr = x_tr[train_rows], y_tr[train_rows]
+        fit = self.fit(x_tr, y_tr, feats["val"], task.targets["val"], seed)
+        scores = fit.predict(feats["test"])
+        out = score_classification(
+            task.targets["test"], scores, task.class_names, multi_label=self.multi_label,
+            threshold=self.threshold, n_resamples=self.bootstrap if bootstrap is None else bootstrap,
+            seed=seed, alpha=self.alpha,
+        )
+        out.update(
+            val_auc_macro=fit.val_auc_macro, epoch=fit.epoch, lr=fit.lr,
+            weight_decay=fit.weight_decay, val_auc_history=fit.val_history, n_train=int(len(x_tr)),
+        )
+        return out
+
+    def evaluate(self, encoder: Encoder, records, context: EvalContext) -> dict[str, Any]:
+        """Extract frozen features of train/val/test, fit the head, score test once."""
+        task = prepare_task(records, self.multi_label, self.name)
+        feats = {s: extract_features(encoder, records.subset(task.index[s]), context) for s in task.index}
+        out = self.score_features(task, feats, context.seed)
+        out["headline"] = ["auc_macro", "f1_macro"]
+        out["protocol"] = {**self.protocol(), **task.protocol()}
+        if not self.multi_label:
+            out["n_dropped_not_single_label"] = dict(task.dropped)
+        return out

@@ -1,0 +1,277 @@
+"""Recipes: TOML files naming the data, encoder, objective, masker, training and evaluators.
+
+A recipe has the sections ``[run]``, ``[data]``, ``[eval_data]`` (optional: the labelled
+data evaluators use when it differs from the pretraining data; keys not given are taken
+from ``[data]``), ``[encoder]``, ``[objective]``, ``[masker]`` (optional), ``[train]`` and
+a list ``[[eval]]``. ``[run]`` and ``[train]`` have fixed schemas (below); the keys of the
+component sections are the keyword arguments of the named component, checked against the
+registry by :func:`resolve`. Every unknown key is an error that names it and suggests the
+closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from ssl4ecg.errors import ConfigError, did_you_mean
+
+SECTIONS = ("run", "data", "eval_data", "encoder", "objective", "masker", "train", "eval")
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "name": "run",  # run directory name under out_root
+    "seed": 0,  # seeds torch, numpy, random, the data order, masks and augmentations
+    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
+    "out_root": "runs",  # default parent of run directories
+}
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 32,
+    "lr": 1e-4,  # peak learning rate after warm-up
+    "min_lr": 0.0,  # end of the cosine schedule
+    "weight_decay": 0.05,  # not applied to biases, norms and other 1-D parameters
+    "betas": [0.9, 0.999],
+    "warmup_epochs": 1.0,
+    "max_steps": -1,  # -1: no cap; 0: skip pretraining (random-init baseline)
+    "max_minutes": 0.0,  # 0: no time budget; else training ends cleanly after this long
+    "grad_clip": 0.0,  # 0: off; else max global grad norm
+    "accum_steps": 1,  # gradient accumulation (effective batch = batch_size * accum_steps)
+    "precision": "auto",  # auto (bf16 on CUDA and bf16-capable CPUs) | bf16 | fp32
+    "log_every": 10,
+    "checkpoint_every": 200,  # optimiser steps between checkpoints (and one at the end)
+    "num_threads": 0,  # torch CPU threads; 0 keeps torch's default
+    "compile": False,  # torch.compile the objective
+    "nan_policy": "stop",  # stop | skip: what a NaN/inf loss does
+    "max_skipped": 10,  # with nan_policy = "skip": stop after this many skipped steps
+}
+
+COMPONENT_SECTIONS = {"encoder": "encoder", "objective": "objective", "masker": "masker"}
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: plain dictionaries per section plus the file it came from."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    eval_data: dict[str, Any] = field(default_factory=dict)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)
+    masker: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "<memory>"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("run", "data", "eval_data", "encoder", "objective", "masker", "train"):
+            value = getattr(self, name)
+            if value:
+                out[name] = _toml_safe(value)
+        if self.evals:
+            out["eval"] = [_toml_safe(e) for e in self.evals]
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def eval_id(self, index: int) -> str:
+        """The id of evaluator ``index`` (its ``id`` key, else its name, numbered if repeated)."""
+        entry = self.evals[index]
+        if "id" in entry:
+            return str(entry["id"])
+        name = entry.get("name", f"eval{index}")
+        same = [i for i, e in enumerate(self.evals) if e.get("name") == name and "id" not in e]
+        return name if len(same) == 1 else f"{name}_{same.index(index)}"
+
+
+def _toml_safe(value: Any) -> Any:
+    """Drop ``None`` values (TOML has no null) and turn tuples into lists, recursively."""
+    if isinstance(value, dict):
+        return {k: _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_safe(v) for v in value]
+    return value
+
+
+def parse_recipe(text: str, source: str = "<memory>") -> Recipe:
+    """Parse recipe TOML text (sections only; component keys are checked by :func:`resolve`)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return recipe_from_dict(raw, source)
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<memory>") -> Recipe:
+    """Build a :class:`Recipe` from a parsed TOML document, checking section names and types."""
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{key}].{did_you_mean(key, SECTIONS)}")
+        if key == "eval":
+            if isinstance(value, dict):  # a single [eval] table instead of [[eval]]
+                value = [value]
+                raw[key] = value
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{source}: [[eval]] must be a list of tables, e.g. [[eval]] name = \"linear_probe\"")
+        elif not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a table ([{key}]), got {type(value).__name__}")
+    recipe = Recipe(
+        run=dict(raw.get("run", {})),
+        data=dict(raw.get("data", {})),
+        eval_data=dict(raw.get("eval_data", {})),
+        encoder=dict(raw.get("encoder", {})),
+        objective=dict(raw.get("objective", {})),
+        masker=dict(raw.get("masker", {})),
+        train=dict(raw.get("train", {})),
+        evals=[dict(e) for e in raw.get("eval", [])],
+        source=source,
+    )
+    _check_fixed(recipe.run, RUN_DEFAULTS, "run", source)
+    _check_fixed(recipe.train, TRAIN_DEFAULTS, "train", source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file and apply ``--set section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}. Recipes ship in the repository's recipes/ folder.")
+    raw = _parse_toml(path.read_text(encoding="utf-8"), str(path))
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, str(path))
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax if it parses (numbers, booleans, lists), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` (or ``eval.N.key=value``) override to a parsed recipe."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected section.key=value, e.g. train.max_steps=0")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    value = parse_value(text.strip())
+    section = parts[0]
+    if section not in SECTIONS:
+        raise ConfigError(f"--set '{item}': unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
+    if section == "eval":
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise ConfigError(f"--set '{item}': evaluator keys are set as eval.N.key=value (N = position in [[eval]])")
+        evals = raw.setdefault("eval", [])
+        index = int(parts[1])
+        if index > len(evals):
+            raise ConfigError(f"--set '{item}': the recipe has {len(evals)} [[eval]] entries; use N <= {len(evals)}")
+        if index == len(evals):
+            evals.append({})
+        evals[index][parts[2]] = value
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"--set '{item}': expected section.key=value, e.g. train.max_steps=0")
+    raw.setdefault(section, {})[parts[1]] = value
+
+
+def _check_fixed(values: dict[str, Any], defaults: dict[str, Any], section: str, source: str) -> None:
+    for key, value in values.items():
+        if key not in defaults:
+            raise ConfigError(f"{source}: [{section}] unknown key '{key}'.{did_you_mean(key, defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                ok = float(value).is_integer()
+                if ok:
+                    values[key] = int(value)
+        elif isinstance(default, list):
+            ok = isinstance(value, list)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(
+                f"{source}: [{section}] key '{key}' should be {type(default).__name__} like its default "
+                f"{default!r}, got {value!r}."
+            )
+    _check_choice(values, "precision", ("auto", "bf16", "fp32"), section, source)
+    _check_choice(values, "nan_policy", ("stop", "skip"), section, source)
+
+
+def _check_choice(values: dict[str, Any], key: str, choices: tuple[str, ...], section: str, source: str) -> None:
+    if key in values and values[key] not in choices:
+        raise ConfigError(
+            f"{source}: [{section}] {key} = {values[key]!r} is not one of {', '.join(choices)}."
+            f"{did_you_mean(str(values[key]), choices)}"
+        )
+
+
+def resolve(recipe: Recipe, registry, need_training: bool = True) -> Recipe:
+    """A copy of ``recipe`` with every default filled in and every component key checked.
+
+    Raises :class:`ConfigError` (naming the section and key) before anything is trained.
+    With ``need_training=False`` (evaluating a saved encoder) [encoder] and [objective]
+    may be absent.
+    """
+    from ssl4ecg.data.build import resolve_data_section
+
+    out = copy.deepcopy(recipe)
+    out.run = {**RUN_DEFAULTS, **recipe.run}
+    out.train = {**TRAIN_DEFAULTS, **recipe.train}
+    out.data = resolve_data_section(recipe.data, registry)
+    if recipe.eval_data:
+        merged = {k: v for k, v in recipe.data.items() if k not in ("mixture",)}
+        if "source" in recipe.eval_data and recipe.eval_data["source"] != recipe.data.get("source"):
+            # a different source: keep only the preprocessing keys of [data]
+            from ssl4ecg.data.build import DATA_DEFAULTS
+
+            merged = {k: v for k, v in merged.items() if k in DATA_DEFAULTS and k not in ("source", "path", "cache")}
+        merged.update(recipe.eval_data)
+        out.eval_data = resolve_data_section(merged, registry)
+    for section, kind in COMPONENT_SECTIONS.items():
+        values = getattr(recipe, section)
+        if not values:
+            if section == "masker" or not need_training:
+                continue
+            raise ConfigError(f"{recipe.source}: [{section}] is missing; it needs at least name = \"...\"")
+        if "name" not in values:
+            raise ConfigError(f"{recipe.source}: [{section}] needs name = \"...\" (see `ssl4ecg plugins`)")
+        options = {k: v for k, v in values.items() if k != "name"}
+        registry.check(kind, values["name"], options, section)
+        setattr(out, section, {"name": values["name"], **registry.resolved_options(kind, values["name"], options)})
+    for i, entry in enumerate(recipe.evals):
+        if "name" not in entry:
+            raise ConfigError(f"{recipe.source}: [[eval]] entry {i} needs name = \"...\" (e.g. \"linear_probe\")")
+        options = {k: v for k, v in entry.items() if k not in ("name", "id")}
+        registry.check("evaluator", entry["name"], options, f"eval.{i}")
+        resolved = {"name": entry["name"], **registry.resolved_options("evaluator", entry["name"], options)}
+        if "id" in entry:
+            resolved["id"] = entry["id"]
+        out.evals[i] = resolved
+    ids = [out.eval_id(i) for i in range(len(out.evals))]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{recipe.source}: two [[eval]] entries share an id ({ids}); give each a distinct id = \"...\"")
+    return out

@@ -1,0 +1,91 @@
+"""Thin helpers over ``torch.distributed`` for runs launched with ``torchrun``.
+
+Nothing here replaces PyTorch's engine: processes are started by ``torchrun``, gradients
+are averaged by DistributedDataParallel; these helpers only answer "which rank am I" and
+average a few logged numbers. Without ``torchrun`` every function is a single-process no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment of ``torchrun`` (WORLD_SIZE > 1) is present."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str) -> None:
+    """Join the process group (gloo on CPU, nccl on CUDA) if launched by torchrun."""
+    if launched_by_torchrun() and not tdist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        tdist.init_process_group(backend=backend)
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo reduces CPU tensors."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_float(value: float) -> float:
+    """The mean of ``value`` over ranks."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_reduce_device())
+    tdist.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
+def min_int(value: int) -> int:
+    """The minimum of ``value`` over ranks (so all ranks agree on a schedule length)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_reduce_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    holder = [obj]
+    tdist.broadcast_object_list(holder, src=0)
+    return holder[0]
