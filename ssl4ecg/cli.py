@@ -125,6 +125,60 @@ def compare(
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+@app.command()
+def embed(
+    encoder: Path = typer.Argument(..., help="A run directory or an encoder file."),
+    data: Path = typer.Argument(..., help="A prepared cache, a dataset release folder or a folder of WFDB records."),
+    out: Path = typer.Option(..., "--out", help="Output .npz (embeddings + ids) or .npy (+ .csv of ids)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a [data] key, e.g. --set task=rhythm."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Embeddings for every record, written with their record ids."""
+    from ssl4ecg.embed import embed_records
+
+    try:
+        summary = embed_records(encoder, data, out, set_, batch_size=batch_size, device=device)
+    except Ssl4ecgError as exc:
+        _fail(exc)
+        return
+    err_console.print(f"wrote {summary['records']} embeddings of dimension {summary['dim']} to {summary['out']}"
+                      + (f" ({summary['dropped']} records dropped, see the cache manifest)" if summary["dropped"] else ""))
+
+
+@app.command("import")
+def import_(
+    kind: str = typer.Argument(..., help="Checkpoint format, e.g. ecg-jepa (see `ssl4ecg plugins`, kind importer)."),
+    checkpoint: Path = typer.Argument(..., help="The published checkpoint file."),
+    out: Path = typer.Option(..., "--out", help="Where to write the ssl4ecg encoder file."),
+    heads: int = typer.Option(16, "--heads", help="Attention heads (weights do not store it; 16 as released)."),
+    sampling_rate: float = typer.Option(250.0, "--sampling-rate", help="Sampling rate the weights expect."),
+    leads: str = typer.Option("I,II,V1,V2,V3,V4,V5,V6", "--leads", help="Comma-separated lead order."),
+    normalize: str = typer.Option("none", "--normalize", help="Normalisation the weights expect."),
+) -> None:
+    """Convert a published checkpoint into an encoder file that `eval` and `embed` use."""
+    import inspect
+
+    from ssl4ecg.artifacts import save_encoder
+    from ssl4ecg.registry import get_registry
+
+    try:
+        importer = get_registry().get("importer", kind).factory
+        given = {"heads": heads, "sampling_rate": sampling_rate, "normalize": normalize,
+                 "leads": tuple(x.strip() for x in leads.split(",") if x.strip())}
+        accepted = inspect.signature(importer).parameters
+        result = importer(checkpoint, **{k: v for k, v in given.items() if k in accepted})
+        save_encoder(out, result["encoder"], result["component"], result["options"], result["preprocess"],
+                     extra={"imported_from": str(checkpoint), **result.get("extra", {})})
+    except Ssl4ecgError as exc:
+        _fail(exc)
+        return
+    err_console.print(f"wrote {out}: {result['component']} {result['options']}")
+
+
+
+
+
 def _mount_optional_apps() -> None:
     """Sub-commands that live in their own modules."""
     try:

@@ -34,7 +34,8 @@ class Ssl4ecgSpecs:
         """Register components with ``registry.add(kind, name, factory)``.
 
         ``kind`` is one of ``encoder``, ``objective``, ``masker``, ``evaluator``,
-        ``source``, ``augmentation``; ``factory`` is a class or function whose keyword
+        ``source``, ``augmentation``, ``importer`` (converts a published checkpoint into
+        an encoder for ``ssl4ecg import NAME``); ``factory`` is a class or function whose keyword
         arguments are the recipe keys of that component.
         """
 

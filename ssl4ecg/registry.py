@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ssl4ecg.errors import ConfigError, did_you_mean
 
-KINDS = ("encoder", "objective", "masker", "evaluator", "source", "augmentation")
+KINDS = ("encoder", "objective", "masker", "evaluator", "source", "augmentation", "importer")
 
 #: constructor arguments the builder supplies; they are never recipe keys
 INJECTED = ("spec", "encoder", "masker", "registry")

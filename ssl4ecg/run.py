@@ -245,6 +245,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, resume_dir: st
         run = Run(recipe, resume_dir, registry)
         return resume_dir, run.execute(resume=True, console=console)
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(recipe)
-    run_dir = Path(dist.broadcast_object(str(run_dir))) if dist.launched_by_torchrun() else run_dir
+    if dist.launched_by_torchrun():  # every rank must agree on rank 0's timestamped directory
+        from ssl4ecg.train.device import select_device
+
+        dist.init(select_device(recipe.run.get("device", "auto")).type)
+        run_dir = Path(dist.broadcast_object(str(run_dir)))
     run = Run(recipe, run_dir, registry)
     return run_dir, run.execute(resume=False, console=console)

@@ -52,6 +52,7 @@ class NoisyReconstruction(Objective):
         pred = self.decoder(tokens)[..., :2]
         loss = (pred - target).pow(2).mean()
         if self.nan_at is not None and step.step == self.nan_at:
+            self.nan_at = None  # one bad batch
             loss = loss * float("nan")
         return LossOutput(loss, logs={"noise": 0.1}, representation=tokens.mean(1).detach())
 
@@ -74,9 +75,9 @@ def cfg(**kw):
             "log_every": 1, "checkpoint_every": 4, "precision": "fp32", **kw}
 
 
-def trainer(tmp_path, objective=None, **kw):
+def trainer(tmp_path, objective_kw=None, **kw):
     torch.manual_seed(0)
-    objective = objective or NoisyReconstruction()
+    objective = NoisyReconstruction(**(objective_kw or {}))
     loader = BatchLoader(make_records(), 8, seed=0)
     return Trainer(objective, loader, cfg(**kw), tmp_path, torch.device("cpu"), "fp32", seed=0)
 
@@ -115,7 +116,7 @@ def test_training_lowers_the_loss_and_logs(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     straight = trainer(tmp_path / "a")
     straight.fit()
-    crashed = trainer(tmp_path / "b", NoisyReconstruction(fail_at=10))
+    crashed = trainer(tmp_path / "b", {"fail_at": 10})
     with pytest.raises(KeyboardInterrupt):
         crashed.fit()
     resumed = trainer(tmp_path / "b")
@@ -135,18 +136,20 @@ def test_max_steps_and_time_budget(tmp_path):
     tr = trainer(tmp_path / "t", epochs=10_000, max_minutes=0.02)
     summary = tr.fit()
     assert summary["seconds"] < 10
-    assert summary["steps"] == summary["horizon"]  # the budget fixed the schedule to the steps that fit
+    # the budget fixed the schedule to the steps that fit (estimated from the first steps)
+    assert summary["horizon"] < 10_000 * 6
+    assert 0.5 * summary["horizon"] <= summary["steps"] <= summary["horizon"]
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
-    tr = trainer(tmp_path, NoisyReconstruction(nan_at=6))
+    tr = trainer(tmp_path, {"nan_at": 6})
     with pytest.raises(TrainingError, match="the loss became nan at step 6.*last good checkpoint"):
         tr.fit()
     assert load_checkpoint(tmp_path / "checkpoints")["step"] == 4
 
 
 def test_nan_skip_policy_counts(tmp_path):
-    tr = trainer(tmp_path, NoisyReconstruction(nan_at=6), nan_policy="skip")
+    tr = trainer(tmp_path, {"nan_at": 6}, nan_policy="skip")
     summary = tr.fit()
     assert summary["skipped_steps"] == 1
     assert math.isfinite(summary["final_loss"])

@@ -89,3 +89,19 @@ def broadcast_object(obj):
     holder = [obj]
     tdist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def replicas_identical(module: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters and buffers of ``module``."""
+    if not active():
+        return True
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    gathered: list = [None] * world_size()
+    tdist.all_gather_object(gathered, digest.hexdigest())
+    return len(set(gathered)) == 1

@@ -70,6 +70,8 @@ class Trainer:
         self.loader = loader
         self.cfg = train_cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.precision = precision
         self.rank0 = dist.is_rank0()
@@ -126,10 +128,16 @@ class Trainer:
         ckpt = load_checkpoint(self.checkpoint_dir)
         self.objective.load_state_dict(ckpt["objective"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("world_size", 1) == self.world:
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world == self.world:
             self.loader.load_state_dict(ckpt["loader"])
-        else:  # a different number of processes: restart the interrupted epoch's order
-            self.loader.load_state_dict({**ckpt["loader"], "position": 0})
+        else:
+            # A different number of processes: every rank takes a strided share of one
+            # permutation, so the first `position * batch * saved_world` samples of the epoch
+            # are consumed either way; continue after them.
+            consumed = int(ckpt["loader"]["position"]) * saved_world
+            self.loader.load_state_dict({"epoch": ckpt["loader"]["epoch"],
+                                         "position": min(len(self.loader), consumed // self.world)})
         self.generator.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"])
         self.state = TrainState(**ckpt["train_state"])
@@ -214,7 +222,7 @@ class Trainer:
                 elif st.step == 1 + TIMING_STEPS and timing_start is not None:
                     per_step = (time.perf_counter() - timing_start) / TIMING_STEPS
                     remaining = budget_s - (seconds_before + time.perf_counter() - t_segment)
-                    fit_steps = st.step + int(remaining / max(per_step, 1e-9))
+                    fit_steps = st.step + int(0.95 * remaining / max(per_step, 1e-9))
                     st.horizon = dist.min_int(max(st.step + 1, min(st.horizon, fit_steps)))
                     st.horizon_fixed = True
                     if progress:
@@ -237,6 +245,11 @@ class Trainer:
                 self.save()
         st.seconds = seconds_before + (time.perf_counter() - t_segment)
         st.done = True
+        if self.world > 1:
+            self.replicas_identical = dist.replicas_identical(self.objective)
+            if not self.replicas_identical:
+                raise TrainingError("the DDP replicas hold different weights after training; "
+                                    "an objective changes parameters outside the optimiser step")
         if st.step > 0:
             self.save()
         if progress:
@@ -275,6 +288,7 @@ class Trainer:
             "skipped_steps": st.skipped,
             "precision": self.precision,
             "world_size": self.world,
+            "replicas_identical": getattr(self, "replicas_identical", None),
             "collapse_warning": self.monitor.warned,
             **{f"final_{k}": v for k, v in self.monitor.last.items()},
         }
