@@ -161,7 +161,11 @@ def test_encode_visible_pads_unequal_rows_without_leaking():
         # sample 1 has equal rows: same result as encoding it alone (no padding)
         alone = enc.encode_visible(enc.patchify(x[1:]), visible[1:, :, :])
         keep = alone.tokens.shape[2] - 2
+        assert keep == 2
         assert torch.allclose(out.tokens[1, :, 1:1 + keep], alone.tokens[0, :, 1:-1], atol=1e-5)
+        assert torch.allclose(out.tokens[1, :, 0], alone.tokens[0, :, 0], atol=1e-5)
+        assert torch.allclose(out.tokens[1, :, -1], alone.tokens[0, :, -1], atol=1e-5)
+        assert torch.allclose(out.pooled[1], alone.pooled[0], atol=1e-5)
 
 
 def test_bad_encoder_options_raise_config_error_naming_key():
@@ -265,16 +269,23 @@ def test_objective_with_decoder_lead_embedding_and_reduced_leads():
     assert obj.encoder.lead_embed[6].grad is not None and obj.encoder.lead_embed[0].grad is None
 
 
-def test_a_few_steps_lower_the_loss():
+def test_a_few_steps_learn_beyond_the_trivial_prediction():
+    """Fresh masks every step; the target patch depends on its position only, so it is learnable.
+
+    Predicting zeros scores (p - 1) / p = 0.9 with normalised targets; a model that learnt
+    nothing stays there.
+    """
     obj = tiny_objective()
-    x = signal(batch=4)
-    batch = Batch(x, STANDARD_LEADS, 250.0)
-    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    t = torch.arange(CROP, dtype=torch.float32)
+    batch = Batch(torch.sin(2 * torch.pi * t / 25.0).expand(4, 12, CROP).clone(), STANDARD_LEADS, 250.0)
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(30):
-        out = obj.loss(batch, StepInfo(step, 30, 0, torch.Generator().manual_seed(0)))
+    for step in range(80):
+        out = obj.loss(batch, StepInfo(step, 80, 0, generator))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[0] > 1.0
+    assert max(losses[-5:]) < 0.3

@@ -18,6 +18,7 @@ from ssl4ecg_jepa.encoder import CroPAViT, cropa_mask
 from ssl4ecg_jepa.masking import MultiBlockSlotMasker, RandomSlotMasker
 from ssl4ecg_jepa.objective import JEPAObjective
 from ssl4ecg_jepa.predictor import JEPAPredictor
+from ssl4ecg_jepa.reference import ecg_jepa_importer
 
 __all__ = [
     "CroPAViT",
@@ -37,3 +38,4 @@ def ssl4ecg_register(registry) -> None:
     registry.add("masker", "random", RandomSlotMasker)
     registry.add("masker", "multiblock", MultiBlockSlotMasker)
     registry.add("objective", "jepa", JEPAObjective)
+    registry.add("importer", "ecg-jepa", ecg_jepa_importer)

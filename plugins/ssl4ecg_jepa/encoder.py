@@ -173,7 +173,10 @@ class CroPAViT(Encoder):
             )
         if visible_slots.numel() == 0 or visible_slots.shape[-1] == 0:
             raise ValueError("visible_slots is empty: the context encoder needs at least one visible slot")
-        if int(visible_slots.min()) < 0 or int(visible_slots.max()) >= self.n_slots:
+        # value check on CPU only: on an accelerator it would cost a device sync every step
+        if visible_slots.device.type == "cpu" and (
+            int(visible_slots.min()) < 0 or int(visible_slots.max()) >= self.n_slots
+        ):
             raise ValueError(f"visible_slots must lie in [0, {self.n_slots}), got {visible_slots.tolist()}")
         return visible_slots
 

@@ -156,6 +156,33 @@ def import_reference_checkpoint(
     return encoder, metadata
 
 
+
+def ecg_jepa_importer(
+    path: str | Path,
+    heads: int = 16,
+    sampling_rate: float = 250.0,
+    leads: Sequence[str] = JEPA_LEADS,
+    normalize: str = "none",
+) -> dict[str, Any]:
+    """The ``ecg-jepa`` importer behind ``ssl4ecg import ecg-jepa CHECKPOINT --out FILE``.
+
+    Returns what :func:`ssl4ecg.artifacts.save_encoder` needs: the encoder, its registered
+    component name and options (so it can be rebuilt), and the preprocessing the weights
+    expect (the released model: 250 Hz, 10 s, leads I, II, V1-V6, no normalisation or filter).
+    """
+    encoder, metadata = import_reference_checkpoint(path, heads=heads, sampling_rate=sampling_rate, leads=leads)
+    options = {
+        "dim": encoder.embed_dim, "depth": encoder.depth, "heads": encoder.heads,
+        "patch_size": encoder.patch_size, "mlp_ratio": encoder.mlp_ratio, "qkv_bias": encoder.qkv_bias,
+        "drop_path": 0.0, "cropa": True, "pos_every_block": True,
+    }
+    preprocess = {
+        "sampling_rate": float(sampling_rate), "seconds": encoder.spec.n_samples / float(sampling_rate),
+        "leads": list(leads), "normalize": normalize, "bandpass": [],
+    }
+    return {"encoder": encoder, "component": "cropa_vit", "options": options, "preprocess": preprocess,
+            "extra": {"reference": metadata}}
+
 # ---------------------------------------------------------------------- helpers
 def _require(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str], source: str, what: str) -> None:
     if not isinstance(state_dict, Mapping):

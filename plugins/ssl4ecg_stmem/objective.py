@@ -188,9 +188,7 @@ class STMEMObjective(Objective):
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
         """Masked-patch reconstruction loss for one batch."""
-        x = batch.signal
-        self.encoder.lead_indices(batch.leads)  # unknown leads -> ConfigError
-        x = self.random_crop(x, step.generator)
+        x = self.random_crop(batch.signal, step.generator)
         mask = self.sample_mask(x.shape[0], x.shape[1], step.generator)
         pred, pooled = self.predict(x, mask, batch.leads)
         mask_dev = mask.to(x.device)

@@ -112,7 +112,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "generator": self.generator.get_state(),
             "rng": rng_state(),
-            "monitor_warned": self.monitor.warned,
+            "monitor": self.monitor.state_dict(),
             "world_size": self.world,
         }
 
@@ -141,7 +141,7 @@ class Trainer:
         self.generator.set_state(ckpt["generator"])
         set_rng_state(ckpt["rng"])
         self.state = TrainState(**ckpt["train_state"])
-        self.monitor.warned = ckpt.get("monitor_warned", False)
+        self.monitor.load_state_dict(ckpt.get("monitor", {}))
         self._truncate_log(self.state.step)
         return True
 

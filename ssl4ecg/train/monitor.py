@@ -45,13 +45,20 @@ def representation_stats(z: torch.Tensor) -> dict[str, float]:
 
 
 class CollapseMonitor:
-    """Keeps the latest representation statistics and warns once on collapse."""
+    """Keeps the latest representation statistics and warns once on collapse.
 
-    def __init__(self, min_std: float = 0.05, min_rank: float = 1.5, patience: int = 3) -> None:
-        self.min_std = min_std
+    The spread of a pooled representation at random initialisation depends on the
+    architecture (a position-dominated ViT pools to nearly identical vectors), so the spread
+    is judged relative to the first measurement: a fall below ``relative_std`` of it, or an
+    effective rank below ``min_rank``, for ``patience`` consecutive checks is reported.
+    """
+
+    def __init__(self, relative_std: float = 0.1, min_rank: float = 1.5, patience: int = 3) -> None:
+        self.relative_std = relative_std
         self.min_rank = min_rank
         self.patience = patience
         self._bad = 0
+        self.initial_std: float | None = None
         self.warned = False
         self.last: dict[str, float] = {}
 
@@ -62,16 +69,28 @@ class CollapseMonitor:
         stats = representation_stats(z)
         if not stats:
             return {}
+        if self.initial_std is None:
+            self.initial_std = stats["rep_std"]
         self.last = stats
-        collapsed = stats["rep_std"] < self.min_std or stats["rep_rank"] < self.min_rank
+        collapsed = (stats["rep_std"] < self.relative_std * self.initial_std
+                     or stats["rep_rank"] < self.min_rank)
         self._bad = self._bad + 1 if collapsed else 0
         if self._bad >= self.patience and not self.warned:
             self.warned = True
             warnings.warn(
-                f"representation collapse suspected at step {step}: rep_std={stats['rep_std']:.3f}, "
-                f"effective rank={stats['rep_rank']:.2f}. A very low loss here is not success; try a "
-                "slower EMA, a lower learning rate, more masking or a larger batch.",
+                f"representation collapse suspected at step {step}: rep_std={stats['rep_std']:.4f} "
+                f"(at the start {self.initial_std:.4f}), effective rank={stats['rep_rank']:.2f}. A very "
+                "low loss here is not success; try a slower EMA, a lower learning rate, more masking "
+                "or a larger batch.",
                 CollapseWarning,
                 stacklevel=2,
             )
         return stats
+
+    def state_dict(self) -> dict:
+        return {"initial_std": self.initial_std, "warned": self.warned, "bad": self._bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial_std = state.get("initial_std")
+        self.warned = state.get("warned", False)
+        self._bad = state.get("bad", 0)
