@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ssl4ecg.errors import ConfigError
+from ssl4ecg.errors import ConfigError, did_you_mean
 from ssl4ecg.interfaces import Augmentation, SignalSpec
 
 
@@ -49,7 +49,9 @@ def _check_range(low_key: str, low: float, high_key: str, high: float, lowest: f
         )
 
 
-def _uniform(generator: torch.Generator, shape: Sequence[int], low: float, high: float, like: torch.Tensor) -> torch.Tensor:
+def _uniform(
+    generator: torch.Generator, shape: Sequence[int], low: float, high: float, like: torch.Tensor
+) -> torch.Tensor:
     """``U(low, high)`` of ``shape`` drawn on the CPU generator, moved to ``like``'s device (float32)."""
     u = torch.rand(tuple(shape), generator=generator)
     return (low + (high - low) * u).to(like.device)
@@ -183,7 +185,7 @@ class PowerlineNoise(RandomAugmentation):
 
 
 class AmplitudeScale(RandomAugmentation):
-    """Multiply each lead (or each sample, ``per_lead = false``) by a log-uniform factor in ``[min_scale, max_scale]``."""
+    """Multiply each lead (or each sample: ``per_lead = false``) by a log-uniform gain in ``[min_scale, max_scale]``."""
 
     def __init__(self, p: float = 0.5, min_scale: float = 0.5, max_scale: float = 2.0, per_lead: bool = True) -> None:
         super().__init__(p)
@@ -227,7 +229,7 @@ class RandomCropResize(RandomAugmentation):
 
 
 class JumpNoise(RandomAugmentation):
-    """Add sudden baseline steps: per lead, 1 to ``max_jumps`` steps of height ``U(-amplitude, amplitude)`` at random times.
+    """Add sudden baseline steps: per lead, 1 to ``max_jumps`` steps of ``U(-amplitude, amplitude)`` at random times.
 
     Each step persists from its onset to the end of the record (like an electrode that
     suddenly shifts).
@@ -332,9 +334,13 @@ def build_augmentations(
             raise ConfigError(
                 f"[{where}] needs name = \"...\"; one of {', '.join(registry.names('augmentation'))}"
             )
+        name = table["name"]
+        known = registry.names("augmentation")
+        if name not in known:
+            raise ConfigError(f"[{where}] no augmentation named {name!r}.{did_you_mean(str(name), known)}")
         options = {k: v for k, v in table.items() if k != "name"}
         extra = {"spec": spec} if spec is not None else {}
-        built.append(registry.build("augmentation", table["name"], options, section=where, **extra))
+        built.append(registry.build("augmentation", name, options, section=where, **extra))
     return Compose(built)
 
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ssl4ecg.errors import Ssl4ecgError
 
@@ -88,11 +89,13 @@ def plugins() -> None:
     table = Table(title="ssl4ecg components")
     table.add_column("kind")
     table.add_column("name", style="bold")
-    table.add_column("package")
+    table.add_column("package (module)")
     table.add_column("description")
     for kind in KINDS:
         for component in registry.components(kind):
-            table.add_row(kind, component.name, component.package, component.summary)
+            module = getattr(component.factory, "__module__", "").split(".")[0]
+            summary = Text(component.summary.replace("``", ""))
+            table.add_row(kind, component.name, f"{component.package} ({module})", summary)
     console.print(table)
 
 

@@ -75,4 +75,8 @@ def plugin_package(pm: pluggy.PluginManager, plugin: object) -> str:
     for plug, dist in pm.list_plugin_distinfo():
         if plug is plugin:
             return f"{dist.metadata['name']} {dist.version}"
+    if pm.get_name(plugin) == "ssl4ecg":  # the core's own registrations
+        from ssl4ecg import __version__
+
+        return f"ssl4ecg {__version__}"
     return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))

@@ -38,19 +38,31 @@ def adjacent_segments(
     return pair[..., :segment], pair[..., segment:], start
 
 
-def patient_positive_mask(patient_ids: Sequence[str], batch_size: int) -> torch.Tensor:
+def patient_positive_mask(
+    patient_ids: Sequence[str | None], batch_size: int, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, B]`` bool: ``True`` where samples ``i`` and ``j`` are the same record or the same patient.
 
     Without patient ids (an empty list) only the diagonal (the two segments of one record)
-    is positive.
+    is positive; a missing id (``None`` or ``""``) matches no other sample. ``groups [B]``
+    (e.g. the dataset of each sample in a mixture) must match too, so that equal patient
+    ids from different datasets are not taken for one patient.
     """
+    eye = torch.eye(batch_size, dtype=torch.bool)
     if len(patient_ids) == 0:
-        return torch.eye(batch_size, dtype=torch.bool)
+        return eye
     if len(patient_ids) != batch_size:
         raise DataError(f"the batch has {batch_size} signals but {len(patient_ids)} patient ids")
     codes: dict[str, int] = {}
-    ids = torch.tensor([codes.setdefault(str(p), len(codes)) for p in patient_ids])
-    return (ids[:, None] == ids[None, :]) | torch.eye(batch_size, dtype=torch.bool)
+    ids = torch.tensor([
+        -1 - i if p is None or str(p) == "" else codes.setdefault(str(p), len(codes))
+        for i, p in enumerate(patient_ids)
+    ])
+    same = ids[:, None] == ids[None, :]
+    if groups is not None:
+        groups = groups.detach().cpu().reshape(-1)
+        same &= groups[:, None] == groups[None, :]
+    return same | eye
 
 
 class CMSC(Objective):
@@ -114,7 +126,7 @@ class CMSC(Objective):
         """``[B, B]`` positives between first segments (rows) and second segments (columns)."""
         if not self.patient_positives:
             return torch.eye(len(batch), dtype=torch.bool)
-        return patient_positive_mask(batch.patient_ids, len(batch))
+        return patient_positive_mask(batch.patient_ids, len(batch), batch.extra.get("mixture_part"))
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
         """Symmetric multi-positive InfoNCE between the first and second segments."""

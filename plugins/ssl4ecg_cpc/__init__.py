@@ -1,8 +1,8 @@
 """CPC, Contrastive Predictive Coding (Oord et al. 2018) for ECG (Mehari & Strodthoff 2022).
 
-Registers encoder ``"cpc_encoder"`` (strided 1-D convolutions -> latent sequence z_t) and
-objective ``"cpc"`` (autoregressive context network c_t, per-offset linear predictors
-W_k for k = 1..K, InfoNCE against other time steps and other samples). See
+Registers encoder ``"cpc_encoder"`` (strided 1-D convolutions -> latent sequence z_t, and
+the autoregressive context network -> c_t) and objective ``"cpc"`` (per-offset linear
+predictors W_k for k = 1..K, InfoNCE against other time steps and other samples). See
 ``docs/methods/cpc.md``.
 """
 
@@ -20,52 +20,6 @@ from ssl4ecg.nn.conv_encoders import ConvEncoder
 from ssl4ecg.nn.losses import info_nce_from_logits
 
 
-class CPCEncoder(ConvEncoder):
-    """CPC's encoder g_enc: a stack of 1-D convolutions (each + batch norm + ReLU) giving z_t.
-
-    ``features``, ``kernel_sizes`` and ``strides`` list one entry per layer. The default
-    (four 1x1 convolutions, 512 channels, stride 1) is the ECG setting of Mehari &
-    Strodthoff: one latent vector per input sample. ``strides = [5, 4, 2, 2, 2]``,
-    ``kernel_sizes = [10, 8, 4, 4, 4]`` with five 512 entries is Oord et al.'s audio encoder.
-    tokens = z sequence ``[B, T / prod(strides), features[-1]]``; embed = mean of z over time.
-    """
-
-    def __init__(
-        self,
-        spec: SignalSpec,
-        features: Sequence[int] = (512, 512, 512, 512),
-        kernel_sizes: Sequence[int] = (1, 1, 1, 1),
-        strides: Sequence[int] = (1, 1, 1, 1),
-        batch_norm: bool = True,
-    ) -> None:
-        super().__init__(spec)
-        if not (len(features) == len(kernel_sizes) == len(strides)) or len(features) == 0:
-            raise ValueError(
-                f"features, kernel_sizes and strides need one entry per layer and the same length; got "
-                f"{len(features)}, {len(kernel_sizes)}, {len(strides)}"
-            )
-        for key, values in (("features", features), ("kernel_sizes", kernel_sizes), ("strides", strides)):
-            if any((not isinstance(v, int)) or v < 1 for v in values):
-                raise ValueError(f"{key} must be positive integers, got {list(values)}")
-        layers: list[nn.Module] = []
-        in_ch = spec.n_leads
-        for f, k, s in zip(features, kernel_sizes, strides):
-            layers.append(nn.Conv1d(in_ch, f, k, stride=s, padding=(k - 1) // 2, bias=not batch_norm))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(f))
-            layers.append(nn.ReLU(inplace=True))
-            in_ch = f
-        self.layers = nn.Sequential(*layers)
-        self.embed_dim = in_ch
-        self.downsampling = 1
-        for s in strides:
-            self.downsampling *= s
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, n_leads, T]`` -> z ``[B, features[-1], T']``."""
-        return self.layers(x)
-
-
 class ContextNetwork(nn.Module):
     """The autoregressive g_ar: a unidirectional LSTM or GRU over z_t giving c_t."""
 
@@ -80,23 +34,80 @@ class ContextNetwork(nn.Module):
         return self.rnn(z)[0]
 
 
-class CPCContextEncoder(Encoder):
-    """Encoder + context network as one :class:`Encoder`: tokens = c_t, embed = mean of c_t over time.
+class CPCEncoder(ConvEncoder):
+    """CPC's g_enc (1-D convolutions -> latents z_t) and g_ar (LSTM/GRU -> contexts c_t).
 
-    What ``cpc`` evaluators score by default (``representation = "context"``); it holds
-    references to the objective's modules, not copies.
+    g_enc: ``features``, ``kernel_sizes`` and ``strides`` list one entry per convolution
+    (each followed by batch norm, when ``batch_norm``, and ReLU). The default (four 1x1
+    convolutions, 512 channels, stride 1) is the ECG setting of Mehari & Strodthoff: one
+    latent per input sample. ``strides = [5, 4, 2, 2, 2]``, ``kernel_sizes = [10, 8, 4, 4, 4]``
+    with five 512 entries is Oord et al.'s audio encoder. g_ar: ``context`` (lstm | gru)
+    with ``context_dim`` units in ``context_layers`` layers.
+
+    tokens = the latent sequence z ``[B, T / prod(strides), features[-1]]``;
+    :meth:`contexts` = c ``[B, T', context_dim]``; embed = the mean over time of c
+    (``embed_from = "context"``, what CPC fine-tunes downstream) or of z (``"latent"``).
+    The context network lives in the encoder so that the saved encoder is what is scored.
     """
 
-    def __init__(self, encoder: Encoder, context: ContextNetwork) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.context = context
-        self.spec = encoder.spec
-        self.embed_dim = context.output_dim
+    def __init__(
+        self,
+        spec: SignalSpec,
+        features: Sequence[int] = (512, 512, 512, 512),
+        kernel_sizes: Sequence[int] = (1, 1, 1, 1),
+        strides: Sequence[int] = (1, 1, 1, 1),
+        batch_norm: bool = True,
+        context: str = "lstm",
+        context_dim: int = 512,
+        context_layers: int = 2,
+        embed_from: str = "context",
+    ) -> None:
+        super().__init__(spec)
+        if not (len(features) == len(kernel_sizes) == len(strides)) or len(features) == 0:
+            raise ValueError(
+                f"features, kernel_sizes and strides need one entry per layer and the same length; got "
+                f"{len(features)}, {len(kernel_sizes)}, {len(strides)}"
+            )
+        for key, values in (("features", features), ("kernel_sizes", kernel_sizes), ("strides", strides)):
+            if any((not isinstance(v, int)) or v < 1 for v in values):
+                raise ValueError(f"{key} must be positive integers, got {list(values)}")
+        if context not in ("lstm", "gru"):
+            raise ValueError(f"context must be 'lstm' or 'gru', got {context!r}")
+        if embed_from not in ("context", "latent"):
+            raise ValueError(f"embed_from must be 'context' or 'latent', got {embed_from!r}")
+        for key, value in (("context_dim", context_dim), ("context_layers", context_layers)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        layers: list[nn.Module] = []
+        in_ch = spec.n_leads
+        for f, k, s in zip(features, kernel_sizes, strides):
+            layers.append(nn.Conv1d(in_ch, f, k, stride=s, padding=(k - 1) // 2, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(f))
+            layers.append(nn.ReLU(inplace=True))
+            in_ch = f
+        self.layers = nn.Sequential(*layers)
+        self.latent_dim = in_ch
+        self.context_network = ContextNetwork(in_ch, context_dim, context_layers, context)
+        self.embed_from = embed_from
+        self.embed_dim = context_dim if embed_from == "context" else in_ch
+        self.downsampling = 1
+        for s in strides:
+            self.downsampling *= s
 
-    def tokens(self, x: torch.Tensor, leads: Sequence[str] | None = None) -> torch.Tensor:
-        """Context sequence ``[B, T', H]``."""
-        return self.context(self.encoder.tokens(x, leads))
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, n_leads, T]`` -> z ``[B, features[-1], T']``."""
+        return self.layers(x)
+
+    def contexts(self, x: torch.Tensor, leads: Sequence[str] | None = None) -> torch.Tensor:
+        """Context sequence c ``[B, T', context_dim]``."""
+        return self.context_network(self.tokens(x, leads))
+
+    def embed(self, x: torch.Tensor, leads: Sequence[str] | None = None) -> torch.Tensor:
+        """Mean over time of c (``embed_from = "context"``) or of z (``"latent"``)."""
+        if self.embed_from == "context":
+            return self.contexts(x, leads).mean(dim=1)
+        return super().embed(x, leads)
 
 
 def random_crops(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,44 +123,35 @@ def random_crops(x: torch.Tensor, length: int, generator: torch.Generator) -> to
 class CPC(Objective):
     """CPC: predict z_{t+k} from c_t with W_k (k = 1..prediction_steps), InfoNCE over candidates.
 
+    z and c come from the encoder (``cpc_encoder``: its tokens and its context network).
     For every offset k and time t the candidates are the true z_{t+k} and ``num_negatives``
     latents drawn uniformly from all (sample, time) positions of the batch (other time steps
-    of the same record and other records; one draw per offset shared by all predictions, a
-    draw that hits a prediction's own positive is left out of its denominator).
+    of the same record and other records; one draw per offset shared by all predictions; a
+    draw that hits a prediction's own positive is left out of its softmax).
     ``num_negatives = 0`` uses every position of the batch. Scores are ``z . W_k c_t /
     temperature`` (``normalize = true``: cosine). The loss is the mean over offsets.
     Records are randomly cropped to ``crop_seconds`` first (Mehari & Strodthoff: 2.5 s;
     0 = whole records).
-    ``representation`` picks what evaluators score: ``"context"`` (mean of c_t) or
-    ``"latent"`` (the encoder's mean of z_t). Needs an encoder whose tokens are a time
-    sequence (``cpc_encoder``, ``resnet1d``).
     """
 
     def __init__(
         self,
         encoder: Encoder,
         spec: SignalSpec,
-        context: str = "lstm",
-        context_dim: int = 512,
-        context_layers: int = 2,
         prediction_steps: int = 12,
         num_negatives: int = 128,
         temperature: float = 1.0,
         normalize: bool = False,
         crop_seconds: float = 2.5,
-        representation: str = "context",
     ) -> None:
         super().__init__()
-        if context not in ("lstm", "gru"):
-            raise ValueError(f"context must be 'lstm' or 'gru', got {context!r}")
-        if representation not in ("context", "latent"):
-            raise ValueError(f"representation must be 'context' or 'latent', got {representation!r}")
-        for key, value, low in (
-            ("context_dim", context_dim, 1),
-            ("context_layers", context_layers, 1),
-            ("prediction_steps", prediction_steps, 1),
-            ("num_negatives", num_negatives, 0),
-        ):
+        context = getattr(encoder, "context_network", None)
+        if not isinstance(context, nn.Module):
+            raise ValueError(
+                f"objective 'cpc' needs an encoder with a context network (g_ar), i.e. [encoder] name = "
+                f"\"cpc_encoder\"; {type(encoder).__name__} has none"
+            )
+        for key, value, low in (("prediction_steps", prediction_steps, 1), ("num_negatives", num_negatives, 0)):
             if value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
         if temperature <= 0:
@@ -161,21 +163,14 @@ class CPC(Objective):
             self.crop = min(spec.n_samples, max(1, int(round(crop_seconds * spec.sampling_rate))))
         self.encoder = encoder
         self.spec = spec
-        self.context = ContextNetwork(encoder.embed_dim, context_dim, context_layers, context)
+        latent_dim = int(getattr(encoder, "latent_dim", encoder.embed_dim))
         self.predictors = nn.ModuleList(
-            nn.Linear(context_dim, encoder.embed_dim, bias=False) for _ in range(prediction_steps)
+            nn.Linear(context.output_dim, latent_dim, bias=False) for _ in range(prediction_steps)
         )
         self.prediction_steps = prediction_steps
         self.num_negatives = num_negatives
         self.temperature = float(temperature)
         self.normalize = normalize
-        self.representation = representation
-
-    def representation_encoder(self) -> Encoder:
-        """encoder + context network (``"context"``) or the bare encoder (``"latent"``)."""
-        if self.representation == "latent":
-            return self.encoder
-        return CPCContextEncoder(self.encoder, self.context)
 
     def _crop_samples(self, sampling_rate: float) -> int:
         if sampling_rate == self.spec.sampling_rate:
@@ -184,11 +179,13 @@ class CPC(Objective):
 
     def offset_logits(
         self, pred: torch.Tensor, z: torch.Tensor, k: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Logits, positive mask and excluded entries for offset ``k``.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and positive mask for offset ``k``.
 
         ``pred [B, T'-k, D]`` are the predictions from c_0..c_{T'-k-1}; ``z [B, T', D]``.
-        Sampled negatives: column 0 holds the positive, columns 1.. the negatives.
+        With sampled negatives column 0 holds the positive and columns 1.. the negatives; a
+        negative draw that is the row's own positive is set to ``-inf`` (left out of the
+        softmax). With ``num_negatives = 0`` the columns are all B * T' latents of the batch.
         """
         b, n_tok, d = z.shape
         n_pred = n_tok - k
@@ -199,19 +196,20 @@ class CPC(Objective):
         if self.normalize:
             q, z_flat = nn.functional.normalize(q, dim=1), nn.functional.normalize(z_flat, dim=1)
         if self.num_negatives == 0:
-            logits = q @ z_flat.t() / self.temperature
+            logits = q @ z_flat.t()
             positives = torch.zeros_like(logits, dtype=torch.bool)
             positives[torch.arange(q.shape[0], device=z.device), pos_index] = True
-            return logits, positives, None
-        neg_index = torch.randint(0, b * n_tok, (self.num_negatives,), generator=generator).to(z.device)
-        pos_logit = (q * z_flat[pos_index]).sum(dim=1, keepdim=True)
-        neg_logits = q @ z_flat[neg_index].t()
-        logits = torch.cat([pos_logit, neg_logits], dim=1) / self.temperature
-        positives = torch.zeros_like(logits, dtype=torch.bool)
-        positives[:, 0] = True
-        exclude = torch.zeros_like(positives)
-        exclude[:, 1:] = neg_index[None, :] == pos_index[:, None]
-        return logits, positives, exclude
+        else:
+            neg_index = torch.randint(0, b * n_tok, (self.num_negatives,), generator=generator).to(z.device)
+            pos_logit = (q * z_flat[pos_index]).sum(dim=1, keepdim=True)
+            neg_logits = (q @ z_flat[neg_index].t()).masked_fill(neg_index[None, :] == pos_index[:, None],
+                                                                 float("-inf"))
+            logits = torch.cat([pos_logit, neg_logits], dim=1)
+            positives = torch.zeros_like(logits, dtype=torch.bool)
+            positives[:, 0] = True
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits, positives
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
         """Mean over k = 1..K of InfoNCE(W_k c_t vs z_{t+k})."""
@@ -224,20 +222,21 @@ class CPC(Objective):
                 f"{self.prediction_steps} steps ahead needs more than {self.prediction_steps}; raise "
                 f"[objective] crop_seconds or lower prediction_steps (or the encoder's strides)."
             )
-        c = self.context(z)
+        c = self.encoder.context_network(z)
         total = z.new_zeros((), dtype=torch.float32)
         correct = 0.0
         for k in range(1, self.prediction_steps + 1):
             pred = self.predictors[k - 1](c[:, : n_tok - k])
-            logits, positives, exclude = self.offset_logits(pred, z, k, step.generator)
-            total = total + info_nce_from_logits(logits, positives, exclude=exclude)
+            logits, positives = self.offset_logits(pred, z, k, step.generator)
+            total = total + info_nce_from_logits(logits, positives)
             with torch.no_grad():
-                masked = logits.float() if exclude is None else logits.float().masked_fill(exclude, float("-inf"))
-                hit = positives.gather(1, masked.argmax(dim=1, keepdim=True))
+                hit = positives.gather(1, logits.argmax(dim=1, keepdim=True))
                 correct += float(hit.float().mean())
         loss = total / self.prediction_steps
-        rep = (c if self.representation == "context" else z).mean(dim=1).detach()
-        return LossOutput(loss, {"accuracy": correct / self.prediction_steps}, representation=rep)
+        pooled = c if getattr(self.encoder, "embed_from", "context") == "context" else z
+        return LossOutput(
+            loss, {"accuracy": correct / self.prediction_steps}, representation=pooled.mean(dim=1).detach()
+        )
 
 
 @hookimpl

@@ -43,6 +43,8 @@ def info_nce_from_logits(
     n_pos = positive_mask.sum(dim=1)
     if not bool((n_pos > 0).any()):
         raise ValueError("positive_mask has no positive pair: every InfoNCE row needs at least one positive")
+    if bool((n_pos == 1).all()):  # one positive per row: both reductions are a plain cross entropy
+        return F.cross_entropy(logits, positive_mask.to(torch.uint8).argmax(dim=1))
     log_prob = torch.log_softmax(logits, dim=1)
     # zero (not -inf * 0) where an entry is not a positive
     pos_log_prob = torch.where(positive_mask, log_prob, torch.zeros_like(log_prob))
