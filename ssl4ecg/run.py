@@ -198,6 +198,21 @@ class Run:
         dist.barrier()
         return metrics
 
+    def eval_protocol_data(self) -> dict[str, Any]:
+        """What identifies the labelled task in a protocol: dataset, task and split rule.
+
+        Input preprocessing (rate, leads, filters) belongs to the method and may differ
+        between rows of one comparison; the labelled task may not.
+        """
+        section = self.recipe.eval_data or self.recipe.data
+        keys = ("source", "task", "single_label", "train_folds", "val_folds", "test_folds", "n_records", "seed")
+        out = {k: section[k] for k in keys if k in section}
+        if section.get("path"):
+            out["dataset"] = Path(str(section["path"])).name
+        if section.get("cache"):
+            out["dataset"] = Path(str(section["cache"])).name
+        return out
+
     def evaluate(self, encoder: Encoder, records, metrics: dict[str, Any] | None = None,
                  metrics_path: Path | None = None) -> dict[str, Any]:
         """Run every [[eval]] entry; metrics.json is rewritten after each evaluator."""
@@ -216,9 +231,7 @@ class Run:
                                   precision=self.precision)
             result = evaluator.evaluate(encoder, records, context)
             result.setdefault("protocol", evaluator.protocol())
-            result["protocol"].setdefault("data", {k: self.recipe.eval_data.get(k, self.recipe.data.get(k))
-                                                   for k in ("source", "task", "sampling_rate", "leads")
-                                                   if k in (self.recipe.eval_data or self.recipe.data)})
+            result["protocol"].setdefault("data", self.eval_protocol_data())
             results[eval_id] = result
             if metrics is not None and metrics_path is not None:
                 metrics["eval"][eval_id] = result

@@ -38,11 +38,7 @@ class Task:
 
     def split_hash(self) -> str:
         """A short hash of the record ids of every split: equal hashes = the same evaluation data."""
-        h = hashlib.sha1()
-        for s in sorted(self.record_ids):
-            h.update(s.encode())
-            h.update("\n".join(sorted(self.record_ids[s].tolist())).encode())
-        return h.hexdigest()[:12]
+        return hash_splits(self.record_ids)
 
     def class_index(self, split: str) -> np.ndarray:
         """Class index ``[n]`` of each record (multi-class tasks)."""
@@ -92,6 +88,15 @@ def prepare_task(
         targets[split] = y.astype(np.float32)
         ids[split] = np.asarray(records.record_ids)[idx]
     return Task(tuple(records.class_names), multi_label, index, targets, dropped, ids)
+
+
+def hash_splits(record_ids: dict[str, np.ndarray]) -> str:
+    """A short hash of the record ids of each split (order-free): equal hashes = same data."""
+    h = hashlib.sha1()
+    for s in sorted(record_ids):
+        h.update(s.encode() + b"\0")
+        h.update("\n".join(sorted(np.asarray(record_ids[s]).astype(str).tolist())).encode() + b"\0")
+    return h.hexdigest()[:12]
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.eval.common import (
     Task,
+    check_choice,
     check_float,
     check_float_list,
     check_positive_int,
@@ -56,15 +57,35 @@ def _standardizer(x: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndar
     return mean, np.where(std > 1e-8, std, 1.0)
 
 
+def prior_bias(y_tr: torch.Tensor, n_classes: int, multi_label: bool) -> torch.Tensor:
+    """Bias of the prior model: train log-odds per class (multi-label) or log class frequencies.
+
+    Frequencies are smoothed by half a record so that absent classes get a finite bias.
+    """
+    n = y_tr.shape[0]
+    if multi_label:
+        pos = y_tr.sum(dim=0) + 0.5
+        return torch.log(pos / (n + 1.0 - pos))
+    counts = torch.bincount(y_tr, minlength=n_classes).double() + 0.5
+    return torch.log(counts / counts.sum())
+
+
 def _train_one(
     x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: np.ndarray, multi_label: bool,
     epochs: int, lr: float, weight_decay: float, batch_size: int, warmup_epochs: int, seed: int,
+    head_init: str = "zero",
 ) -> tuple[dict[str, torch.Tensor], int, float, list[float]]:
     """Train one head; return the state of the best val epoch, that epoch, its AUC and the history."""
     n, d = x_tr.shape
     n_classes = y_va.shape[1]
     with seeded(seed):
         head = nn.Linear(d, n_classes).double()
+    if head_init in ("prior", "zero"):
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            if head_init == "prior":
+                head.bias.copy_(prior_bias(y_tr, n_classes, multi_label))
     opt = torch.optim.AdamW(
         [{"params": [head.weight], "weight_decay": weight_decay},
          {"params": [head.bias], "weight_decay": 0.0}],
@@ -112,7 +133,7 @@ def fit_probe(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
     multi_label: bool = True, standardize: bool = True, epochs: int = 10,
     lrs: tuple[float, ...] = (5e-4,), weight_decays: tuple[float, ...] = (0.05,),
-    batch_size: int = 32, warmup_epochs: int = 3, seed: int = 0,
+    batch_size: int = 32, warmup_epochs: int = 3, seed: int = 0, head_init: str = "zero",
 ) -> ProbeFit:
     """Train a linear head on ``x_train`` and choose lr, weight decay and epoch by val macro AUC.
 
@@ -120,7 +141,10 @@ def fit_probe(
     cross-entropy) targets. AdamW (no decay on the bias), per-step linear warm-up over
     ``warmup_epochs`` then cosine decay to zero, mini-batches of ``batch_size`` shuffled by a
     generator seeded with ``seed``; the head is trained in float64 on the CPU (it is tiny), so
-    results are reproducible. The head state of the epoch with the best val macro AUC is kept
+    results are reproducible. ``head_init="zero"`` starts from zero weights and bias (every
+    probability 0.5), so the fit does not depend on a random start (the problem is convex);
+    ``"prior"`` starts from zero weights and the prior model's bias (:func:`prior_bias`);
+    ``"default"`` keeps PyTorch's ``nn.Linear`` initialisation (seeded). The head state of the epoch with the best val macro AUC is kept
     (the earliest one on ties); the test split is never seen here.
     """
     mean, scale = _standardizer(x_train, standardize)
@@ -135,7 +159,7 @@ def fit_probe(
         for wd in weight_decays:
             state, epoch, val_auc, history = _train_one(
                 x_tr, y_tr, x_va, np.asarray(y_val), multi_label, epochs, lr, wd, batch_size,
-                warmup_epochs, seed,
+                warmup_epochs, seed, head_init,
             )
             if best is None or val_auc > best[2]:
                 best = (state, epoch, val_auc, history, lr, wd)
@@ -169,11 +193,13 @@ class LinearProbe(Evaluator):
         warmup_epochs: int = 3,
         lr_grid: tuple = (),
         weight_decay_grid: tuple = (),
+        head_init: str = "zero",
         threshold: float = 0.5,
         bootstrap: int = 1000,
         alpha: float = 0.05,
     ) -> None:
         n = self.name
+        self.head_init = check_choice(n, "head_init", head_init, ("zero", "prior", "default"))
         self.multi_label = bool(multi_label)
         self.standardize = bool(standardize)
         self.epochs = check_positive_int(n, "epochs", epochs)
@@ -194,7 +220,7 @@ class LinearProbe(Evaluator):
             "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
             "batch_size": self.batch_size, "warmup_epochs": self.warmup_epochs,
             "lr_grid": list(self.lr_grid), "weight_decay_grid": list(self.weight_decay_grid),
-            "threshold": self.threshold, "bootstrap": self.bootstrap, "alpha": self.alpha,
+            "head_init": self.head_init, "threshold": self.threshold, "bootstrap": self.bootstrap, "alpha": self.alpha,
             "selection": "val auc_macro",
         }
 
@@ -210,6 +236,7 @@ class LinearProbe(Evaluator):
             standardize=self.standardize, epochs=self.epochs,
             lrs=self.lr_grid or (self.lr,), weight_decays=self.weight_decay_grid or (self.weight_decay,),
             batch_size=self.batch_size, warmup_epochs=self.warmup_epochs, seed=seed,
+            head_init=self.head_init,
         )
 
     def score_features(self, task: Task, feats: dict[str, np.ndarray], seed: int,

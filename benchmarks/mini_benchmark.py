@@ -1,0 +1,115 @@
+"""Mini benchmark: every method's small recipe under one protocol on ptbxl-mini, on CPU.
+
+For each method it runs ``ssl4ecg run`` twice -- pretrained for a fixed time budget and at
+random initialisation (``train.max_steps = 0``) -- with the same evaluators, plus the
+baseline rows (the hand-crafted statistics model and the supervised-from-scratch encoder),
+then ``ssl4ecg compare`` writes the head-to-head table (Markdown, CSV, JSON) and plots.
+
+    python benchmarks/mini_benchmark.py --data ../shared/data/ptbxl-mini --minutes 5 --jobs 2
+
+Every number comes from the framework's own ``ssl4ecg run`` / ``ssl4ecg compare``; the
+resolved recipe of each run is in its run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ssl4ecg.recipe import load_recipe  # noqa: E402
+
+#: (row name, recipe) -- each method's small CPU recipe
+METHODS = [
+    ("jepa", "recipes/jepa_small.toml"),
+    ("stmem", "recipes/stmem_small.toml"),
+    ("simclr", "recipes/simclr_small.toml"),
+    ("cmsc", "recipes/cmsc_small.toml"),
+    ("cpc", "recipes/cpc_small.toml"),
+]
+
+#: the one evaluation protocol every row is scored with
+EVALS = [
+    {"name": "linear_probe", "id": "linear"},
+    {"name": "knn", "id": "knn"},
+    {"name": "clustering", "id": "clustering"},
+]
+
+
+def write_recipe(recipe_path: str, out_dir: Path, data: str, minutes: float, random_init: bool,
+                 evals: list[dict], threads: int) -> Path:
+    """The method's recipe on ptbxl-mini with the common evaluators, written into ``out_dir``."""
+    recipe = load_recipe(REPO / recipe_path)
+    recipe.data.update({"source": "ptbxl", "path": str(Path(data).resolve()), "task": "superdiagnostic"})
+    for key in ("n_records", "seed", "noise", "val_fraction", "test_fraction", "multi_label_fraction"):
+        recipe.data.pop(key, None)  # synthetic-source keys of quickstart-style recipes
+    recipe.eval_data = {}
+    recipe.train["max_minutes"] = float(minutes)
+    recipe.train["num_threads"] = threads
+    if random_init:
+        recipe.train["max_steps"] = 0
+    recipe.evals = [dict(e) for e in evals]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "recipe.in.toml"
+    path.write_text(recipe.to_toml())
+    return path
+
+
+def run(recipe: Path, run_dir: Path, log: Path) -> tuple[Path, int, float]:
+    start = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as handle:
+        code = subprocess.call([sys.executable, "-m", "ssl4ecg", "run", str(recipe), "--out", str(run_dir)],
+                               stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return run_dir, code, time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptbxl-mini"))
+    parser.add_argument("--minutes", type=float, default=5.0, help="pretraining budget per method")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    parser.add_argument("--out", default="bench_out/mini")
+    parser.add_argument("--methods", default=",".join(m for m, _ in METHODS))
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    chosen = [m for m in METHODS if m[0] in args.methods.split(",")]
+    jobs = []
+    for name, recipe in chosen:
+        for random_init in (False, True):
+            tag = f"{name}_{'random' if random_init else 'pretrained'}"
+            run_dir = out / tag
+            if (run_dir / "metrics.json").exists() and "linear" in (run_dir / "metrics.json").read_text():
+                continue  # finished before: the benchmark is resumable
+            jobs.append((write_recipe(recipe, out / "recipes" / tag, args.data, args.minutes, random_init,
+                                      EVALS, 1), run_dir, out / "logs" / f"{tag}.log"))
+    # baseline rows: hand-crafted statistics and the JEPA encoder trained supervised from scratch
+    baseline_evals = [{"name": "stats_baseline", "id": "stats_baseline"}]
+    supervised_evals = [{"name": "finetune", "id": "supervised_scratch", "from_scratch": True}]
+    for tag, evals in (("baseline_stats", baseline_evals), ("baseline_supervised", supervised_evals)):
+        run_dir = out / tag
+        if not (run_dir / "metrics.json").exists():
+            jobs.append((write_recipe(METHODS[0][1], out / "recipes" / tag, args.data, 0, True, evals, 1),
+                         run_dir, out / "logs" / f"{tag}.log"))
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"{len(jobs)} runs, {args.jobs} at a time, {args.minutes} min pretraining each")
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        for run_dir, code, seconds in pool.map(lambda j: run(*j), jobs):
+            print(f"{'ok ' if code == 0 else 'FAILED'} {run_dir.name} ({seconds / 60:.1f} min)", flush=True)
+    runs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    for fmt in ("md", "csv", "json"):
+        subprocess.check_call([sys.executable, "-m", "ssl4ecg", "compare", *map(str, runs), "--format", fmt,
+                               "--out", str(out / f"table.{fmt}")] + (["--plots", str(out / "plots")] if fmt == "md" else []),
+                              cwd=REPO)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
