@@ -72,6 +72,9 @@ class Registry:
         return [self._items[k][n] for k in kinds for n in sorted(self._items[k])]
 
     def get(self, kind: str, name: str) -> Component:
+        if not isinstance(name, str):
+            raise ConfigError(f"a {kind} name must be a string like \"{(self.names(kind) or ['...'])[0]}\", "
+                              f"got {name!r}")
         try:
             return self._items[kind][name]
         except KeyError:
