@@ -106,31 +106,47 @@ class Run:
 
     # ------------------------------------------------------------------ building
     def load_data(self):
+        """(records to pretrain on or None for a mixture, labelled records to evaluate on or None)."""
         from ssl4ecg.data.build import load_records
 
-        records = load_records(self.recipe.data, self.registry)
-        if self.recipe.eval_data:
-            eval_records = load_records(self.recipe.eval_data, self.registry)
+        data, eval_data = self.recipe.data, self.recipe.eval_data
+        records = None if data.get("mixture") else load_records(data, self.registry)
+        if eval_data:
+            eval_records = load_records(eval_data, self.registry)
+        elif records is None:
+            if self.recipe.evals:
+                raise ConfigError("[data] mixture pretrains on several caches; name the labelled data the "
+                                  "evaluators use in an [eval_data] section (e.g. source = \"ptbxl\")")
+            eval_records = None
         else:
             eval_records = records
         if self.recipe.evals and not eval_records.is_labelled:
             raise ConfigError(
-                f"[[eval]] needs labelled data but source '{(self.recipe.eval_data or self.recipe.data)['source']}' "
+                f"[[eval]] needs labelled data but source '{(eval_data or data)['source']}' "
                 "has no labels; add an [eval_data] section naming a labelled source (e.g. ptbxl)")
-        if eval_records.spec != records.spec:
+        if records is not None and eval_records is not None and eval_records.spec != records.spec:
             raise ConfigError(f"[eval_data] gives signals {eval_records.spec} but the encoder is built for "
                               f"{records.spec}; use the same sampling_rate, seconds and leads")
         return records, eval_records
 
-    def pretrain_records(self, records):
+    def pretrain_loader(self, records):
+        """The training loader over ``pretrain_splits`` (a view: memory-mapped caches stay mapped)."""
+        from ssl4ecg.data.build import pretrain_loader
+        from ssl4ecg.data.loader import BatchLoader
+
+        t = self.recipe.train
+        common = dict(seed=self.seed, rank=dist.rank(), world_size=dist.world_size())
+        if records is None:  # a weighted mixture of caches
+            return pretrain_loader(self.recipe.data, self.registry, int(t["batch_size"]), **common)
         splits = self.recipe.data["pretrain_splits"]
         if np.all(records.splits == ""):
-            return records
-        part = records.split(*splits)
-        if len(part) == 0:
+            index = np.arange(len(records))
+        else:
+            index = np.flatnonzero(np.isin(records.splits, splits))
+        if len(index) == 0:
             raise ConfigError(f"[data] pretrain_splits = {splits} selects no records; "
-                              f"the data has splits {sorted(set(records.splits))}")
-        return part
+                              f"the data has splits {sorted(set(records.splits.tolist()))}")
+        return BatchLoader(records, int(t["batch_size"]), shuffle=True, drop_last=True, indices=index, **common)
 
     def build(self, spec):
         """The encoder, the masker (or None) and the objective for signals of ``spec``."""
@@ -150,7 +166,6 @@ class Run:
     # ------------------------------------------------------------------ the run
     def execute(self, resume: bool = False, console=None) -> dict[str, Any]:
         """Pretrain (unless max_steps = 0), evaluate and write the run directory; returns metrics."""
-        from ssl4ecg.data.loader import BatchLoader
         from ssl4ecg.train.loop import Trainer
 
         rank0 = dist.is_rank0()
@@ -159,20 +174,18 @@ class Run:
             atomic_write_text(self.run_dir / "recipe.toml", self.recipe.to_toml())
             atomic_write_json(self.run_dir / "env.json", environment(self.device, self.precision))
         records, eval_records = self.load_data()
-        spec = records.spec
+        t = self.recipe.train
+        loader = self.pretrain_loader(records) if int(t["max_steps"]) != 0 else None
+        spec = records.spec if records is not None else loader.spec
         encoder, _, objective = self.build(spec)
         metrics: dict[str, Any] = {"pretrain": {}, "eval": {}}
         metrics_path = self.run_dir / "metrics.json"
         if resume and metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
-        t = self.recipe.train
-        if int(t["max_steps"]) != 0:
-            train_records = self.pretrain_records(records)
-            loader = BatchLoader(train_records, int(t["batch_size"]), shuffle=True, drop_last=True,
-                                 seed=self.seed, rank=dist.rank(), world_size=dist.world_size())
+        if loader is not None:
             if len(loader) == 0:
                 raise ConfigError(f"[train] batch_size = {t['batch_size']} is larger than the "
-                                  f"{len(train_records)} pretraining records per process; lower it")
+                                  f"pretraining records per process; lower it")
             trainer = Trainer(objective, loader, t, self.run_dir, self.device, self.precision, self.seed)
             if resume:
                 trainer.resume()
@@ -185,7 +198,7 @@ class Run:
                     summary = trainer.fit(None)
             else:
                 summary = trainer.summary()
-            metrics["pretrain"] = {**summary, "records": len(train_records)}
+            metrics["pretrain"] = {**summary, "records": loader.n_records}
         else:
             metrics["pretrain"] = {"steps": 0, "final_loss": None, "samples_per_s": 0.0, "seconds": 0.0,
                                    "note": "max_steps = 0: random initialisation"}
@@ -194,7 +207,8 @@ class Run:
             save_encoder(self.run_dir / "encoder.pt", eval_encoder, self.recipe.encoder["name"],
                          {k: v for k, v in self.recipe.encoder.items() if k != "name"}, self.recipe.data)
             atomic_write_json(metrics_path, metrics)
-            metrics["eval"].update(self.evaluate(eval_encoder, eval_records, metrics, metrics_path))
+            if eval_records is not None:
+                metrics["eval"].update(self.evaluate(eval_encoder, eval_records, metrics, metrics_path))
         dist.barrier()
         return metrics
 

@@ -75,7 +75,10 @@ class RecordSet:
         if index.dtype == bool:
             index = np.flatnonzero(index)
         if isinstance(self.signals, np.ndarray):
-            signals = self.signals[index]
+            if len(index) and np.all(np.diff(index) == 1):
+                signals = self.signals[index[0]:index[-1] + 1]  # a view: memory maps stay mapped
+            else:
+                signals = self.signals[index]
         else:
             signals = [self.signals[i] for i in index]
         return replace(

@@ -1,0 +1,569 @@
+"""Prepared dataset caches: preprocessed records as a memory-mappable ``.npy`` + metadata.
+
+A cache folder holds
+
+* ``signals.npy`` -- ``[N, leads, T]`` float32, records ordered by split (train, val, test,
+  unassigned) and, inside a split, in the source's order, so that a split is one contiguous
+  block of the memory map;
+* ``labels.npy`` -- ``[N, C]`` float32 multi-hot (labelled sources only);
+* ``meta.npz`` -- ``record_ids``, ``patient_ids``, ``splits`` and ``extra_<name>`` arrays;
+* ``manifest.json`` -- written last and atomically: format and versions, source and its
+  options, preprocessing, shape, class names, counts, per-lead train-split statistics,
+  SHA-256 checksums of the files above, notes, and every dropped record with its reason.
+
+:func:`prepare_cache` works in shards of records processed in parallel processes; each
+finished shard is saved under ``.work/`` (signal file first, its record list last, both by
+atomic rename), so an interrupted prepare resumes with the unfinished shards only. A
+folder without ``manifest.json`` is never taken for a cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ssl4ecg.data.preprocess import FLAT_STD, Preprocessing, process_record, warm_up
+from ssl4ecg.data.records import RecordSet
+from ssl4ecg.data.sources.base import (
+    RecordEntry, RecordSetSource, RecordSource, Scan, _first_reasons, extra_arrays, label_matrix,
+)
+from ssl4ecg.errors import ConfigError, DataError
+
+log = logging.getLogger("ssl4ecg.data")
+
+FORMAT = "ssl4ecg-cache"
+FORMAT_VERSION = 1
+SHARD_SIZE = 256
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+CACHE_FILES = ("signals.npy", "labels.npy", "meta.npz", "manifest.json")
+WORK = ".work"
+
+
+# ----------------------------------------------------------------------------- processing
+
+@dataclass
+class ShardResult:
+    """Preprocessed records of one shard: signals of the kept ones, the reasons for the rest."""
+
+    signals: np.ndarray  # [n_kept, L, T]
+    positions: list[int]  # entry index of each kept record
+    dropped: list[tuple[int, str]]  # (entry index, reason)
+    extras: dict[int, dict]  # metadata found while reading (entry index -> values)
+
+
+def process_entries(
+    source: RecordSource, entries: Sequence[RecordEntry], positions: Sequence[int], pp: Preprocessing
+) -> ShardResult:
+    """Read and preprocess ``entries``; a record that fails is dropped with its reason."""
+    kept, kept_pos, dropped, extras = [], [], [], {}
+    for pos, entry in zip(positions, entries):
+        try:
+            raw = source.read(entry)
+            x = process_record(raw.signal, raw.leads, raw.sampling_rate, pp,
+                               record_id=entry.record_id, split=entry.split)
+        except DataError as exc:
+            dropped.append((pos, str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - one unreadable record must not stop the rest
+            dropped.append((pos, f"unexpected {type(exc).__name__} while reading: {exc}"))
+            continue
+        kept.append(x)
+        kept_pos.append(pos)
+        if raw.extra:
+            extras[pos] = raw.extra
+    shape = (len(kept), len(pp.leads), pp.n_samples)
+    signals = np.stack(kept) if kept else np.zeros(shape, dtype=np.float32)
+    return ShardResult(signals, kept_pos, dropped, extras)
+
+
+def _split_rank(split: str) -> int:
+    return SPLIT_ORDER.get(split, 3)
+
+
+def cache_order(entries: Sequence[RecordEntry], positions: Sequence[int]) -> list[int]:
+    """Kept entry positions ordered by split (train, val, test, unassigned), then listing order."""
+    return sorted(positions, key=lambda p: (_split_rank(entries[p].split), p))
+
+
+def _metadata(entries: Sequence[RecordEntry], order: Sequence[int], class_names, extras: dict[int, dict]):
+    chosen = [entries[p] for p in order]
+    merged = [{**e.extra, **extras.get(p, {})} for p, e in zip(order, chosen)]
+    return dict(
+        record_ids=np.array([e.record_id for e in chosen], dtype=str),
+        patient_ids=np.array([e.patient_id or e.record_id for e in chosen], dtype=str),
+        splits=np.array([e.split for e in chosen], dtype="<U5"),
+        labels=label_matrix([e.labels for e in chosen], class_names),
+        extra=extra_arrays(merged),
+    )
+
+
+def as_record_source(source, name: str) -> RecordSource:
+    """``source`` itself if it lists records, else a wrapper around its ``load()``."""
+    return source if isinstance(source, RecordSource) else RecordSetSource(source, name)
+
+
+def read_in_memory(source, name: str, pp: Preprocessing, notes: list[str] | None = None) -> RecordSet:
+    """Read and preprocess every record of ``source`` in this process (no cache)."""
+    src = as_record_source(source, name)
+    src.prefer_rate(pp.sampling_rate)
+    scan = src.scan()
+    for note in scan.notes:
+        log.warning(note)
+    if notes is not None:
+        notes.extend(scan.notes)
+    result = process_entries(src, scan.entries, range(len(scan.entries)), pp)
+    dropped = list(scan.dropped) + [(scan.entries[p].record_id, r) for p, r in result.dropped]
+    if not result.positions:
+        raise DataError(f"source '{name}': no usable record. {_first_reasons(dropped)}")
+    order = cache_order(scan.entries, result.positions)
+    row_of = {p: i for i, p in enumerate(result.positions)}
+    meta = _metadata(scan.entries, order, scan.class_names, result.extras)
+    signals = result.signals[[row_of[p] for p in order]]
+    return RecordSet(signals=signals, leads=pp.leads, sampling_rate=pp.sampling_rate,
+                     record_ids=meta["record_ids"], patient_ids=meta["patient_ids"],
+                     splits=meta["splits"], labels=meta["labels"],
+                     class_names=tuple(scan.class_names or ()), extra=meta["extra"], dropped=dropped)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source: RecordSource, pp: Preprocessing, work: str, in_child: bool = True) -> None:
+    if in_child:
+        source.worker_init()
+    _WORKER.update(source=source, pp=pp, work=Path(work))
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _shard_paths(work: Path, k: int) -> tuple[Path, Path]:
+    return work / f"shard_{k:06d}.npy", work / f"shard_{k:06d}.json"
+
+
+def _write_shard(work: Path, k: int, result: ShardResult) -> None:
+    npy, meta = _shard_paths(work, k)
+    tmp = npy.with_name(npy.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, result.signals)
+    os.replace(tmp, npy)
+    payload = {"positions": result.positions, "dropped": result.dropped,
+               "extras": {str(p): _jsonable(v) for p, v in result.extras.items()}}
+    _atomic_json(meta, payload)
+
+
+def _run_shard(k: int, entries: list[RecordEntry], positions: list[int]) -> tuple[int, int, int]:
+    """Worker task: process one shard and save it; returns (shard, kept, dropped)."""
+    result = process_entries(_WORKER["source"], entries, positions, _WORKER["pp"])
+    _write_shard(_WORKER["work"], k, result)
+    return k, len(result.positions), len(result.dropped)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1, allow_nan=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_workers(n_tasks: int) -> int:
+    """Worker processes for ``n_tasks`` shards: every core, at most 8 and at most the tasks."""
+    return max(1, min(os.cpu_count() or 1, 8, n_tasks))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that wrote a cache (stored in its manifest)."""
+    import scipy
+
+    import ssl4ecg
+
+    out = {"ssl4ecg": ssl4ecg.__version__, "python": platform.python_version(),
+           "numpy": np.__version__, "scipy": scipy.__version__}
+    for mod in ("wfdb", "h5py"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return out
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def _plan(name: str, options: dict, pp: Preprocessing, scan: Scan, shard_size: int) -> dict:
+    digest = hashlib.sha256()
+    for e in scan.entries:
+        digest.update(json.dumps([e.record_id, str(e.locator), e.split, list(e.labels)]).encode())
+        digest.update(b"\n")
+    plan = {"format_version": FORMAT_VERSION, "source": name, "options": _jsonable(options),
+            "preprocessing": pp.as_dict(), "entries": len(scan.entries),
+            "entries_sha256": digest.hexdigest(), "shard_size": shard_size,
+            "class_names": list(scan.class_names) if scan.class_names is not None else None}
+    plan["plan_hash"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    return plan
+
+
+def _check_out(out: Path, force: bool) -> dict | None:
+    """The existing manifest of ``out`` (if any); refuse folders that are not caches."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder; choose a new cache folder")
+    manifest_path = out / "manifest.json"
+    ours = set(CACHE_FILES) | {WORK}
+    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
+    if foreign and not manifest_path.exists():
+        raise DataError(f"--out {out} is not empty and is not an ssl4ecg cache (it holds "
+                        f"{', '.join(sorted(foreign)[:3])}); choose a new or empty folder")
+    if manifest_path.exists():
+        try:
+            return json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            if not force:
+                raise DataError(f"{manifest_path} is unreadable; pass --force to rebuild the cache") from None
+    return None
+
+
+def prepare_cache(
+    source,
+    name: str,
+    options: dict,
+    pp: Preprocessing,
+    out: str | Path,
+    *,
+    workers: int = 0,
+    progress: bool | Callable[[int, int], None] = False,
+    force: bool = False,
+    shard_size: int = SHARD_SIZE,
+) -> dict:
+    """Preprocess every record of ``source`` into the cache folder ``out``; return its manifest.
+
+    Idempotent (an up-to-date cache is returned as is) and resumable (finished shards of an
+    interrupted run are kept). ``workers`` = 0 uses every core (at most 8); ``progress`` is
+    ``True`` for a rich progress bar or a callback ``(done, total)``. A cache prepared with
+    other options is only replaced with ``force``.
+    """
+    started = time.perf_counter()
+    out = Path(out).expanduser()
+    src = as_record_source(source, name)
+    src.prefer_rate(pp.sampling_rate)
+    scan = src.scan()
+    t_scan = time.perf_counter()
+    plan = _plan(name, options, pp, scan, shard_size)
+    existing = _check_out(out, force)
+    if existing is not None:
+        if existing.get("plan_hash") == plan["plan_hash"] and all((out / f).exists() for f in existing.get("files", {})):
+            log.info("cache %s is up to date", out)
+            return existing
+        if not force:
+            raise ConfigError(
+                f"{out} already holds a cache of {existing.get('source')} prepared with other options "
+                f"or another version of the data; pass --force to replace it or choose another --out")
+        (out / "manifest.json").unlink()  # first: the folder stops looking complete
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK
+    work.mkdir(exist_ok=True)
+    plan_path = work / "plan.json"
+    if plan_path.exists():
+        try:
+            old = json.loads(plan_path.read_text()).get("plan_hash")
+        except (OSError, ValueError):
+            old = None
+        if old != plan["plan_hash"]:
+            for stale in work.glob("shard_*"):
+                stale.unlink()
+    _atomic_json(plan_path, plan)
+
+    n = len(scan.entries)
+    shards = [(k, list(range(s, min(n, s + shard_size)))) for k, s in enumerate(range(0, n, shard_size))]
+    todo = [(k, pos) for k, pos in shards if not _shard_paths(work, k)[1].exists()]
+    done_records = n - sum(len(p) for _, p in todo)
+    n_workers = default_workers(len(todo)) if workers <= 0 else max(1, min(workers, len(todo)))
+    t_run = time.perf_counter()
+    _run(src, pp, work, scan, todo, n_workers, progress, done_records, n)
+    t_assemble = time.perf_counter()
+    manifest = _assemble(out, work, scan, plan, pp, name, options, shards)
+    done = time.perf_counter()
+    manifest["prepare_seconds"] = round(done - started, 3)
+    manifest["timings"] = {"scan": round(t_scan - started, 3), "process": round(t_assemble - t_run, 3),
+                           "assemble": round(done - t_assemble, 3), "records_processed": sum(len(p) for _, p in todo)}
+    manifest["workers"] = n_workers
+    _atomic_json(out / "manifest.json", manifest)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return manifest
+
+
+def _run(src, pp, work, scan, todo, n_workers, progress, done, total) -> None:
+    warm_up(pp)  # before forking: the workers inherit scipy and the filter designs
+    callback, bar = _progress(progress, total, done)
+    try:
+        if n_workers <= 1 or len(todo) <= 1:
+            _init_worker(src, pp, str(work), in_child=False)
+            for k, pos in todo:
+                _, kept, dropped = _run_shard(k, [scan.entries[p] for p in pos], pos)
+                done += kept + dropped
+                callback(done, total)
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with cf.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method),
+                                    initializer=_init_worker, initargs=(src, pp, str(work))) as pool:
+            futures = [pool.submit(_run_shard, k, [scan.entries[p] for p in pos], pos) for k, pos in todo]
+            try:
+                for fut in cf.as_completed(futures):
+                    _, kept, dropped = fut.result()
+                    done += kept + dropped
+                    callback(done, total)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def _progress(progress, total: int, done: int):
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return (lambda d, t: None), None
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]preparing"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("records"), TimeElapsedColumn(), TimeRemainingColumn())
+    task = bar.add_task("prepare", total=total, completed=done)
+    bar.start()
+    return (lambda d, t: bar.update(task, completed=d)), bar
+
+
+def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, name: str,
+              options: dict, shards) -> dict:
+    """Join the shards into the final files (temp names, then rename); return the manifest."""
+    kept_of: dict[int, list[int]] = {}
+    dropped: list[tuple[str, str]] = list(scan.dropped)
+    extras: dict[int, dict] = {}
+    for k, _ in shards:
+        meta = json.loads(_shard_paths(work, k)[1].read_text())
+        kept_of[k] = meta["positions"]
+        dropped.extend((scan.entries[p].record_id, reason) for p, reason in meta["dropped"])
+        extras.update({int(p): v for p, v in meta["extras"].items()})
+    positions = [p for k, _ in shards for p in kept_of[k]]
+    if not positions:
+        raise DataError(f"source '{name}': no usable record, nothing to cache. {_first_reasons(dropped)}")
+    order = cache_order(scan.entries, positions)
+    shape = (len(order), len(pp.leads), pp.n_samples)
+    blocks = {}
+    where: dict[int, tuple[int, int]] = {}
+    for k, _ in shards:
+        if not kept_of[k]:
+            continue
+        block = np.load(_shard_paths(work, k)[0], mmap_mode="r")
+        if block.shape[0] != len(kept_of[k]) or block.shape[1:] != shape[1:]:
+            raise DataError(f"shard {k} of {out} is inconsistent; delete {work} and prepare again")
+        blocks[k] = block
+        where.update({p: (k, j) for j, p in enumerate(kept_of[k])})
+    signals_sha, stats = _write_signals(out / "signals.npy", shape, order, where, blocks, scan.entries)
+    del blocks
+
+    meta = _metadata(scan.entries, order, scan.class_names, extras)
+    files = {"signals.npy": signals_sha}
+    if meta["labels"] is not None:
+        _atomic_npy(out / "labels.npy", meta["labels"])
+        files["labels.npy"] = None
+    elif (out / "labels.npy").exists():
+        (out / "labels.npy").unlink()
+    arrays = {"record_ids": meta["record_ids"], "patient_ids": meta["patient_ids"], "splits": meta["splits"],
+              **{f"extra_{k}": v for k, v in meta["extra"].items()}}
+    tmp_meta = out / "meta.npz.tmp"
+    with open(tmp_meta, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp_meta, out / "meta.npz")
+    files["meta.npz"] = None
+    for f in files:
+        if files[f] is None:
+            files[f] = _sha256(out / f)
+    rs_labels = meta["labels"]
+    counts = {
+        "listed": len(scan.entries) + len(scan.dropped),
+        "records": len(order),
+        "dropped": len(dropped),
+        "splits": {s: int((meta["splits"] == s).sum()) for s in ("train", "val", "test", "")},
+    }
+    if rs_labels is not None:
+        counts["classes"] = {c: int(rs_labels[:, i].sum()) for i, c in enumerate(scan.class_names)}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": name,
+        "options": _jsonable(options),
+        "preprocessing": pp.as_dict(),
+        "leads": list(pp.leads),
+        "sampling_rate": pp.sampling_rate,
+        "n_samples": pp.n_samples,
+        "shape": list(shape),
+        "dtype": "float32",
+        "class_names": list(scan.class_names) if scan.class_names is not None else None,
+        "counts": counts,
+        "dataset_stats": stats,
+        "files": files,
+        "versions": versions(),
+        "notes": list(scan.notes),
+        "plan_hash": plan["plan_hash"],
+        "dropped": [[rid, reason] for rid, reason in dropped],
+    }
+
+
+def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int = 64):
+    """Write ``signals.npy`` sequentially in cache order, hashing it and summing train statistics.
+
+    Returns (sha256, train statistics or ``None``); the file appears under its final name
+    only when complete.
+    """
+    digest = hashlib.sha256()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                 "shape": tuple(shape)})
+    n_leads = shape[1]
+    total, total_sq, count = np.zeros(n_leads), np.zeros(n_leads), 0
+    tmp = path.with_name(path.name + ".partial.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(header.getvalue())
+        digest.update(header.getvalue())
+        for start in range(0, len(order), chunk):
+            rows = order[start:start + chunk]
+            block = np.empty((len(rows),) + tuple(shape[1:]), dtype=np.float32)
+            for i, p in enumerate(rows):
+                k, j = where[p]
+                block[i] = blocks[k][j]
+            train = [i for i, p in enumerate(rows) if entries[p].split == "train"]
+            if train:
+                part = block[train].astype(np.float64)
+                total += part.sum(axis=(0, 2))
+                total_sq += np.square(part).sum(axis=(0, 2))
+                count += part.shape[0] * part.shape[2]
+            data = block.tobytes()
+            fh.write(data)
+            digest.update(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    stats = None
+    if count:
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        std = np.where(std > FLAT_STD, std, 1.0)
+        stats = {"split": "train", "records": count // shape[2], "mean": mean.tolist(), "std": std.tolist()}
+    return digest.hexdigest(), stats
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of cache folder ``path``; :class:`DataError` if it is not a complete cache."""
+    path = Path(path).expanduser()
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise DataError(f"cache {path} not found: create it with `ssl4ecg data prepare SOURCE PATH --out {path}`")
+    if not manifest_path.is_file():
+        hint = " (an unfinished prepare: run the same command again to resume it)" if (path / WORK).exists() else ""
+        raise DataError(f"{path} is not a complete ssl4ecg cache: manifest.json is missing{hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{manifest_path} is unreadable ({exc}); prepare the cache again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{manifest_path} is not an ssl4ecg cache manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise DataError(f"cache {path} has format version {manifest['format_version']}; this ssl4ecg "
+                        f"reads up to {FORMAT_VERSION}: upgrade ssl4ecg or prepare the cache again")
+    return manifest
+
+
+def open_cache(path: str | Path) -> tuple[RecordSet, dict]:
+    """The cached records (signals memory-mapped, read-only) and the manifest."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    try:
+        signals = np.load(path / "signals.npy", mmap_mode="r")
+        meta = np.load(path / "meta.npz")
+        labels = np.load(path / "labels.npy") if manifest.get("class_names") is not None else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cache {path} is damaged ({exc}); prepare it again with --force") from None
+    if list(signals.shape) != list(manifest["shape"]) or signals.dtype != np.float32:
+        raise DataError(f"cache {path}: signals.npy has shape {list(signals.shape)}, the manifest says "
+                        f"{manifest['shape']}; prepare it again with --force")
+    extra = {k[len("extra_"):]: meta[k] for k in meta.files if k.startswith("extra_")}
+    records = RecordSet(
+        signals=signals,
+        leads=tuple(manifest["leads"]),
+        sampling_rate=float(manifest["sampling_rate"]),
+        record_ids=meta["record_ids"],
+        patient_ids=meta["patient_ids"],
+        splits=meta["splits"],
+        labels=labels,
+        class_names=tuple(manifest.get("class_names") or ()),
+        extra=extra,
+        dropped=[(str(r), str(reason)) for r, reason in manifest.get("dropped", [])],
+    )
+    return records, manifest
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Files of the cache whose SHA-256 differs from the manifest (empty list = intact)."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    bad = []
+    for name, digest in manifest.get("files", {}).items():
+        if not (path / name).exists() or _sha256(path / name) != digest:
+            bad.append(name)
+    return bad
