@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -21,7 +22,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -85,7 +86,7 @@ def plugins() -> None:
             _fail(exc)
             return
     for w in caught:
-        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
     table = Table(title="ssl4ecg components")
     table.add_column("kind")
     table.add_column("name", style="bold")
@@ -176,7 +177,7 @@ def import_(
     except Ssl4ecgError as exc:
         _fail(exc)
         return
-    err_console.print(f"wrote {out}: {result['component']} {result['options']}")
+    err_console.print(f"wrote {out}: {result['component']} {result['options']}", markup=False)
 
 
 
