@@ -53,7 +53,7 @@ def parse_set(items: List[str]) -> dict[str, Any]:
 @data_app.command("prepare")
 def prepare_command(
     source: str = typer.Argument(..., help="source name: ptbxl, cinc, cpsc2018, code15, folder, ..."),
-    path: str = typer.Argument(..., help="the dataset folder"),
+    path: str = typer.Argument("", help="the dataset folder ('-' or nothing for generated sources)"),
     out: Path = typer.Option(..., "--out", "-o", help="cache folder to create"),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                              help="[data] option key=value (repeatable)"),
@@ -71,7 +71,10 @@ def prepare_command(
                 raise ConfigError(f"--set {key}=... is not allowed here: give the source and path as "
                                   f"arguments and the cache as --out.")
         registry = get_registry()
-        section = resolve_data_section({"source": source, "path": path, **options}, registry)
+        given = {"source": source, **options}
+        if path not in ("", "-"):
+            given["path"] = path
+        section = resolve_data_section(given, registry)
         manifest = prepare(section, registry, out, workers=workers, progress=True, force=force)
     except Ssl4ecgError as exc:
         raise _fail(exc) from None

@@ -29,6 +29,8 @@ def register_real_sources(registry) -> None:
 def register(registry) -> None:
     """Register the core's data sources."""
     register_real_sources(registry)
+    from ssl4ecg.data.sources.deepfake import DeepfakeSource
     from ssl4ecg.data.synthetic import SyntheticSource
 
     registry.add("source", "synthetic", SyntheticSource)
+    registry.add("source", "deepfake", DeepfakeSource)
