@@ -37,7 +37,8 @@ METHODS = [
 
 #: the one evaluation protocol every row is scored with
 EVALS = [
-    {"name": "linear_probe", "id": "linear"},
+    {"name": "linear_probe", "id": "linear", "lr_grid": [5e-4, 2e-3, 1e-2]},
+    {"name": "low_shot", "id": "low_shot", "fractions": [0.01, 0.1], "trials": 3, "lr_grid": [5e-4, 2e-3, 1e-2]},
     {"name": "knn", "id": "knn"},
     {"name": "clustering", "id": "clustering"},
 ]

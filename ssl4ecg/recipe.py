@@ -25,6 +25,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from ssl4ecg.errors import ConfigError, did_you_mean
+from ssl4ecg.registry import check_type
 
 SECTIONS = ("run", "data", "eval_data", "encoder", "objective", "masker", "train", "eval")
 
@@ -200,23 +201,13 @@ def _check_fixed(values: dict[str, Any], defaults: dict[str, Any], section: str,
         if key not in defaults:
             raise ConfigError(f"{source}: [{section}] unknown key '{key}'.{did_you_mean(key, defaults)}")
         default = defaults[key]
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok and isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-                ok = float(value).is_integer()
-                if ok:
-                    values[key] = int(value)
-        elif isinstance(default, list):
-            ok = isinstance(value, list)
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(
-                f"{source}: [{section}] key '{key}' should be {type(default).__name__} like its default "
-                f"{default!r}, got {value!r}."
-            )
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) \
+                and value.is_integer():
+            values[key] = value = int(value)  # 1e3 written for an integer key
+        try:
+            check_type(section, key, value, default)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     _check_choice(values, "precision", ("auto", "bf16", "fp32"), section, source)
     _check_choice(values, "nan_policy", ("stop", "skip"), section, source)
 

@@ -92,7 +92,7 @@ class Registry:
                 raise ConfigError(
                     f"[{section}] unknown key '{key}' for {kind} '{name}'.{did_you_mean(key, valid)}"
                 )
-            _check_type(section, key, value, valid[key])
+            check_type(section, key, value, valid[key])
         missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in options]
         if missing:
             raise ConfigError(f"[{section}] {kind} '{name}' needs {', '.join(repr(m) for m in missing)}.")
@@ -116,23 +116,26 @@ class Registry:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
-def _check_type(section: str, key: str, value: Any, default: Any) -> None:
-    """Reject values whose type clearly contradicts the default's (e.g. a string for an int)."""
+def fits_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` has the type a recipe key with this ``default`` expects."""
     if default is inspect.Parameter.empty or default is None:
-        return
+        return True
     if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-    else:
-        ok = True
-    if not ok:
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def check_type(section: str, key: str, value: Any, default: Any) -> None:
+    """Reject values whose type clearly contradicts the default's (e.g. a string for an int)."""
+    if not fits_default(value, default):
         raise ConfigError(
             f"[{section}] key '{key}' should be {type(default).__name__} like its default "
             f"{default!r}, got {value!r}."

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ssl4ecg.registry import check_type
 from ssl4ecg.data.cache import open_cache, prepare_cache, read_in_memory, read_manifest
 from ssl4ecg.data.preprocess import (
     Preprocessing, apply_dataset_norm, bandpass, crop_offset, dataset_stats, fit_length,
@@ -59,25 +60,6 @@ PREPROCESSING_KEYS = Preprocessing.FIELDS
 MIXTURE_KEYS = {"cache": "", "weight": 1.0}
 #: the ``source`` a resolved section with a ``mixture`` shows
 MIXTURE_SOURCE = "mixture"
-
-
-def _check_value(key: str, value: Any, default: Any) -> None:
-    """Type check of a framework key against its default's type."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, list):
-        ok = isinstance(value, (list, tuple))
-    else:
-        ok = True
-    if not ok:
-        raise ConfigError(f"[data] key '{key}' should be {type(default).__name__} like its default "
-                          f"{default!r}, got {value!r}.")
 
 
 def _check_mixture(mixture: Any) -> list[dict]:
@@ -156,7 +138,7 @@ def resolve_data_section(section: Mapping[str, Any] | None, registry) -> dict:
             raise ConfigError(f"[data] unknown key '{key}' for source '{name}'.{did_you_mean(key, valid)}")
     for key, value in raw.items():
         if key in DATA_DEFAULTS and key != "mixture":
-            _check_value(key, value, DATA_DEFAULTS[key])
+            check_type("data", key, value, DATA_DEFAULTS[key])
 
     resolved = copy.deepcopy(DATA_DEFAULTS)
     if manifest is not None:
