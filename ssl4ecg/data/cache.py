@@ -296,7 +296,8 @@ def prepare_cache(
             raise ConfigError(
                 f"{out} already holds a cache of {existing.get('source')} prepared with other options "
                 f"or another version of the data; pass --force to replace it or choose another --out")
-        (out / "manifest.json").unlink()  # first: the folder stops looking complete
+        # the old cache stays complete until _assemble swaps the new files in: a replacement
+        # that fails or is interrupted before then leaves it readable
     out.mkdir(parents=True, exist_ok=True)
     work = out / WORK
     work.mkdir(exist_ok=True)
@@ -403,26 +404,30 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
             raise DataError(f"shard {k} of {out} is inconsistent; delete {work} and prepare again")
         blocks[k] = block
         where.update({p: (k, j) for j, p in enumerate(kept_of[k])})
-    signals_sha, stats = _write_signals(out / "signals.npy", shape, order, where, blocks, scan.entries)
+    # every new file is written under a temporary name first: the old cache (if any) stays
+    # complete and readable until the new files are swapped in by renames at the end
+    signals_tmp, signals_sha, stats = _write_signals(out / "signals.npy", shape, order, where, blocks,
+                                                     scan.entries)
     del blocks
 
     meta = _metadata(scan.entries, order, scan.class_names, extras)
-    files = {"signals.npy": signals_sha}
+    staged = {"signals.npy": signals_tmp}
     if meta["labels"] is not None:
-        _atomic_npy(out / "labels.npy", meta["labels"])
-        files["labels.npy"] = None
-    elif (out / "labels.npy").exists():
-        (out / "labels.npy").unlink()
+        staged["labels.npy"] = out / "labels.npy.tmp"
+        with open(staged["labels.npy"], "wb") as fh:
+            np.save(fh, meta["labels"])
     arrays = {"record_ids": meta["record_ids"], "patient_ids": meta["patient_ids"], "splits": meta["splits"],
               **{f"extra_{k}": v for k, v in meta["extra"].items()}}
-    tmp_meta = out / "meta.npz.tmp"
-    with open(tmp_meta, "wb") as fh:
+    staged["meta.npz"] = out / "meta.npz.tmp"
+    with open(staged["meta.npz"], "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp_meta, out / "meta.npz")
-    files["meta.npz"] = None
-    for f in files:
-        if files[f] is None:
-            files[f] = _sha256(out / f)
+    files = {f: signals_sha if f == "signals.npy" else _sha256(tmp) for f, tmp in staged.items()}
+    # the old manifest goes first, so that it never describes the new files
+    (out / "manifest.json").unlink(missing_ok=True)
+    for f, tmp in staged.items():
+        os.replace(tmp, out / f)
+    if "labels.npy" not in staged and (out / "labels.npy").exists():
+        (out / "labels.npy").unlink()
     rs_labels = meta["labels"]
     counts = {
         "listed": len(scan.entries) + len(scan.dropped),
@@ -458,8 +463,8 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
 def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int = 64):
     """Write ``signals.npy`` sequentially in cache order, hashing it and summing train statistics.
 
-    Returns (sha256, train statistics or ``None``); the file appears under its final name
-    only when complete.
+    Returns (the written file, its sha256, train statistics or ``None``); the file has a
+    temporary name, the caller renames it to ``path``.
     """
     digest = hashlib.sha256()
     header = io.BytesIO()
@@ -489,21 +494,13 @@ def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int 
             digest.update(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
     stats = None
     if count:
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
         std = np.where(std > FLAT_STD, std, 1.0)
         stats = {"split": "train", "records": count // shape[2], "mean": mean.tolist(), "std": std.tolist()}
-    return digest.hexdigest(), stats
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
+    return tmp, digest.hexdigest(), stats
 
 
 # ----------------------------------------------------------------------------- reading

@@ -39,6 +39,10 @@ SHORT_TOLERANCE = 0.01
 #: a lead whose standard deviation is below this is flat: normalising leaves it at zero
 FLAT_STD = 1e-6
 BANDPASS_ORDER = 4
+#: upsampling factor above which a rate is taken for a corrupt header (memory grows with it)
+MAX_RESAMPLE_FACTOR = 100
+#: largest up/down term of a polyphase ratio (the filter has 20 taps per unit)
+MAX_RESAMPLE_TERMS = 10_000
 
 _ALIASES = {
     "i": "I", "ii": "II", "iii": "III", "avr": "aVR", "avl": "aVL", "avf": "aVF",
@@ -155,10 +159,16 @@ def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
         return np.asarray(signal, dtype=np.float32)
     from scipy.signal import upfirdn
 
+    if not math.isfinite(fs_out / fs_in) or fs_out / fs_in > MAX_RESAMPLE_FACTOR:
+        raise DataError(f"cannot resample from {fs_in} Hz to {fs_out} Hz: the rates differ by more "
+                        f"than {MAX_RESAMPLE_FACTOR} times (is the sampling rate in the header right?)")
     ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
     if ratio.numerator == 0 or abs(float(ratio) - fs_out / fs_in) > 1e-4 * fs_out / fs_in:
         raise DataError(f"no polyphase ratio close to {fs_in} Hz -> {fs_out} Hz")
     up, down = ratio.numerator, ratio.denominator
+    if max(up, down) > MAX_RESAMPLE_TERMS:
+        raise DataError(f"no polyphase ratio with small terms for {fs_in} Hz -> {fs_out} Hz "
+                        f"({up}/{down}); is the sampling rate in the header right?")
     h, pre_pad, pre_remove = _polyphase_filter(up, down)
     n_in = signal.shape[-1]
     n_out = -(-n_in * up // down)

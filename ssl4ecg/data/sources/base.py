@@ -260,20 +260,23 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"folds file {p} not found: expected a CSV with columns 'record' and 'split'.")
-    with p.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        id_col = next((c for c in ("record", "record_id", "Recording") if c in fields), None)
-        if id_col is None or "split" not in fields:
-            raise DataError(
-                f"folds file {p} has columns {fields}; it needs 'record' (or 'record_id') and 'split'.")
-        out: dict[str, str] = {}
-        for line, row in enumerate(reader, start=2):
-            split = (row["split"] or "").strip()
-            if split not in ("train", "val", "test"):
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            id_col = next((c for c in ("record", "record_id", "Recording") if c in fields), None)
+            if id_col is None or "split" not in fields:
                 raise DataError(
-                    f"folds file {p} line {line}: split '{split}' is not train, val or test.")
-            out[row[id_col].strip()] = split
+                    f"folds file {p} has columns {fields}; it needs 'record' (or 'record_id') and 'split'.")
+            out: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                split = (row["split"] or "").strip()
+                if split not in ("train", "val", "test"):
+                    raise DataError(
+                        f"folds file {p} line {line}: split '{split}' is not train, val or test.")
+                out[(row[id_col] or "").strip()] = split
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"folds file {p} is not a readable CSV file ({exc})") from None
     return out
 
 

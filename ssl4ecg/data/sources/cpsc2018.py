@@ -54,8 +54,14 @@ class CPSC2018Source(RecordSource):
         self.split_seed = int(split_seed)
 
     def _read_reference(self, path: Path) -> dict[str, tuple[str, ...]]:
+        try:
+            return self._parse_reference(path)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path} is not a readable CSV file ({exc})") from None
+
+    def _parse_reference(self, path: Path) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             head = next(reader, [])
             if not head or head[0].strip() != "Recording":
@@ -68,7 +74,7 @@ class CPSC2018Source(RecordSource):
                     cell = cell.strip()
                     if not cell:
                         continue
-                    if not cell.isdigit() or not 1 <= int(cell) <= 9:
+                    if not (cell.isascii() and cell.isdigit()) or not 1 <= int(cell) <= 9:
                         raise DataError(f"{path} line {line}: label '{cell}' is not a class 1-9")
                     names.append(CPSC2018_CLASSES[int(cell) - 1])
                 out[row[0].strip()] = tuple(sorted(set(names)))
@@ -137,9 +143,12 @@ class CPSC2018Source(RecordSource):
             fields = ecg.dtype.names or ()
             if "data" not in fields:
                 raise KeyError
-            data = np.asarray(ecg["data"][0, 0], dtype=np.float32)
+            data = np.asarray(ecg["data"][0, 0])
         except (KeyError, IndexError, TypeError, ValueError):
             raise DataError(f"{path}: struct 'ECG' has no 'data' field") from None
+        if data.dtype.kind not in "biuf":  # text, cells, structs or complex numbers
+            raise DataError(f"{path}: ECG.data holds {data.dtype} values, expected real numbers")
+        data = data.astype(np.float32)
         if data.ndim != 2 or data.shape[0] != 12:
             raise DataError(f"{path}: ECG.data has shape {data.shape}, expected (12, samples)")
         extra = {"age": parse_age(_scalar(ecg, "age")), "sex": parse_sex(_scalar(ecg, "sex"))}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ FAST_FORMATS = {16, 61, 80, 24, 32, 212}
 _INVALID = {16: -32768, 61: -32768, 80: -128, 24: -(2**23), 32: -(2**31), 212: -2048}
 DEFAULT_GAIN = 200.0
 DEFAULT_FS = 250.0
+#: gains outside float32's normal range (signals are scaled in float32)
+_GAIN_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 
 
 @dataclass
@@ -116,7 +119,9 @@ def _parse_signal_line(path: Path, line: str) -> SignalInfo:
     tok = line.split()
     if len(tok) < 2:
         raise _bad(path, f"signal line '{line}' needs a file name and a format")
-    if tok[1].isdigit():  # the common case: no samples-per-frame, skew or offset
+    if "\x00" in tok[0]:
+        raise _bad(path, f"signal line '{line}': file name holds a NUL byte")
+    if tok[1].isascii() and tok[1].isdigit():  # the common case: no samples-per-frame, skew or offset
         info = SignalInfo(file_name=tok[0], fmt=int(tok[1]))
     else:
         m = _FORMAT_RE.match(tok[1])
@@ -138,6 +143,8 @@ def _parse_signal_line(path: Path, line: str) -> SignalInfo:
             raise _bad(path, f"signal line '{line}': gain '{tok[2]}' is not understood") from None
         if not math.isfinite(gain):
             raise _bad(path, f"signal line '{line}': gain '{tok[2]}' is not finite")
+        if gain != 0 and not _GAIN_RANGE[0] <= abs(gain) <= _GAIN_RANGE[1]:
+            raise _bad(path, f"signal line '{line}': gain '{tok[2]}' is out of range")
         info.gain = gain if gain != 0 else DEFAULT_GAIN
         if units:
             info.units = units
@@ -148,6 +155,8 @@ def _parse_signal_line(path: Path, line: str) -> SignalInfo:
             raise _bad(path, f"signal line '{line}': ADC zero '{tok[4]}' is not an integer") from None
     if not baseline_given:
         info.baseline = info.adc_zero
+    if not -2**63 <= info.baseline < 2**63:
+        raise _bad(path, f"signal line '{line}': baseline {info.baseline} is out of range")
     info.name = " ".join(tok[8:]) if len(tok) > 8 else ""
     return info
 
@@ -291,16 +300,51 @@ def _read_mat_val(path: Path, n_sig: int, n_samples: int | None) -> np.ndarray:
     val = np.asarray(mat["val"])
     if val.ndim != 2 or val.shape[0] != n_sig:
         raise DataError(f"{path}: 'val' has shape {val.shape}, expected ({n_sig}, samples)")
+    if val.dtype.kind not in "biuf":  # text, cells, structs or complex numbers
+        raise DataError(f"{path}: 'val' holds {val.dtype} values, expected real numbers")
     if n_samples is not None and val.shape[1] < n_samples:
         raise DataError(f"{path} is truncated: 'val' has {val.shape[1]} samples, header announces {n_samples}")
     val = val[:, :n_samples] if n_samples is not None else val
     return np.ascontiguousarray(val.T)
 
 
+#: bytes per sample of the uncompressed formats wfdb reads (to check file sizes first)
+_BYTES_PER_SAMPLE = {8: Fraction(1), 16: Fraction(2), 61: Fraction(2), 80: Fraction(1), 160: Fraction(2),
+                     212: Fraction(3, 2), 310: Fraction(4, 3), 311: Fraction(4, 3), 24: Fraction(3),
+                     32: Fraction(4)}
+
+
+def _check_sizes(header: Header) -> None:
+    """:class:`DataError` when a signal file is too short for the samples the header announces.
+
+    wfdb allocates the announced signal before reading it, so a corrupt sample count would
+    otherwise cost gigabytes before the read fails.
+    """
+    if header.n_samples is None:
+        return
+    files: dict[str, list[SignalInfo]] = {}
+    for s in header.signals:
+        files.setdefault(s.file_name, []).append(s)
+    for file_name, signals in files.items():
+        if file_name == "-" or any(s.fmt not in _BYTES_PER_SAMPLE for s in signals):
+            continue
+        frame = sum(s.samples_per_frame * _BYTES_PER_SAMPLE[s.fmt] for s in signals)
+        need = signals[0].byte_offset + int(header.n_samples * frame)
+        path = header.path.parent / file_name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue  # wfdb names the missing file
+        if size < need:
+            raise DataError(f"signal file {path} is truncated: it holds {size} bytes, the header "
+                            f"announces {header.n_samples} samples per signal ({need} bytes)")
+
+
 def _read_with_wfdb(header: Header) -> np.ndarray:
     """Physical signal through :func:`wfdb.rdrecord` (the general fallback)."""
     import wfdb
 
+    _check_sizes(header)
     record_path = str(header.path.with_suffix(""))
     try:
         rec = wfdb.rdrecord(record_path)
@@ -318,6 +362,7 @@ def _read_with_wfdb(header: Header) -> np.ndarray:
 def _read_with_wfdb_digital(header: Header) -> np.ndarray:
     import wfdb
 
+    _check_sizes(header)
     record_path = str(header.path.with_suffix(""))
     try:
         rec = wfdb.rdrecord(record_path, physical=False, return_res=64)
