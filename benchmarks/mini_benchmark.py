@@ -52,6 +52,7 @@ def write_recipe(recipe_path: str, out_dir: Path, data: str, minutes: float, ran
     for key in ("n_records", "seed", "noise", "val_fraction", "test_fraction", "multi_label_fraction"):
         recipe.data.pop(key, None)  # synthetic-source keys of quickstart-style recipes
     recipe.eval_data = {}
+    recipe.run["name"] = out_dir.name
     recipe.train["max_minutes"] = float(minutes)
     recipe.train["num_threads"] = threads
     if random_init:

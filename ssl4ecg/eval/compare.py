@@ -160,6 +160,10 @@ def build_table(run_dirs: Iterable[Path]) -> Table:
         if not isinstance(evals, dict):
             raise ConfigError(f"{run_dir / 'metrics.json'}: 'eval' must map evaluation ids to results.")
         results.append(evals)
+    names = [r.run for r in rows]
+    for row in rows:  # runs sharing a recipe name are told apart by their directory
+        if names.count(row.run) > 1:
+            row.run = f"{row.run} ({Path(row.path).name})"
 
     columns: list[Column] = []
     eval_ids: list[str] = []
