@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,12 @@ def evaluate_saved_encoder(encoder_path: Path, recipe_path: Path, overrides: lis
     atomic_write_text(out / "recipe.toml", run.recipe.to_toml())
     atomic_write_json(out / "env.json", environment(run.device, run.precision))
     _, eval_records = run.load_data()
-    metrics: dict[str, Any] = {
-        "pretrain": {"steps": meta.get("steps", None), "encoder": str(encoder_path),
-                     "note": "evaluated from a saved encoder"},
-        "eval": {},
-    }
+    pretrain: dict[str, Any] = {"steps": None}
+    source_metrics = Path(encoder_path) / "metrics.json"
+    if source_metrics.is_file():  # a run directory: carry its pretraining summary along
+        pretrain = dict(json.loads(source_metrics.read_text()).get("pretrain", {}))
+    pretrain.update(encoder=str(encoder_path), note="evaluated from a saved encoder")
+    metrics: dict[str, Any] = {"pretrain": pretrain, "eval": {}}
     metrics_path = out / "metrics.json"
     atomic_write_json(metrics_path, metrics)
     run.evaluate(encoder, eval_records, metrics, metrics_path)

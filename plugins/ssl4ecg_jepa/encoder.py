@@ -4,7 +4,9 @@ Token layout (the reference's): each lead is cut into ``n_slots = n_samples // p
 non-overlapping patches; token ``k = lead * n_slots + slot`` (lead-major). One Linear patch
 embedding is shared by all leads; a fixed 2-D sin-cos embedding (time in the first half
 of the channels, lead in the second) is added before every block. CroPA lets token
-``(lead i, slot t)`` attend to ``(lead i', slot t')`` iff ``i == i'`` or ``t == t'``.
+``(lead i, slot t)`` attend to ``(lead i', slot t')`` iff ``i == i'`` or ``t == t'``; the
+blocks get a :class:`~ssl4ecg.nn.attention_cropa.CroPAGrid` (shape only, no mask tensor)
+and compute it without the ``N x N`` product (see :mod:`ssl4ecg.nn.attention_cropa`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ssl4ecg.errors import ConfigError, DataError
 from ssl4ecg.interfaces import Encoder, SignalSpec
+from ssl4ecg.nn.attention_cropa import CroPAGrid, cropa_mask  # noqa: F401 - cropa_mask is re-exported
 from ssl4ecg.nn.posembed import sincos_2d
 from ssl4ecg.nn.transformer import (
     Block,
@@ -25,16 +28,8 @@ from ssl4ecg.nn.transformer import (
 )
 
 
-def cropa_mask(n_leads: int, n_slots: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """CroPA attention mask ``[N, N]`` (bool, True = may attend) for a lead-major token grid.
-
-    ``N = n_leads * n_slots``; token ``k`` is ``(lead k // n_slots, slot k % n_slots)``. The
-    rule depends only on the grid shape, so the same mask serves any subset of leads and
-    any set of visible slots that is shared by all leads of a sample.
-    """
-    index = torch.arange(n_leads * n_slots, device=device)
-    lead, slot = index // n_slots, index % n_slots
-    return (lead[:, None] == lead[None, :]) | (slot[:, None] == slot[None, :])
+#: what ``CroPAViT.embed`` may pool
+POOLINGS = ("mean", "lead_mean")
 
 
 class CroPAViT(Encoder):
@@ -45,7 +40,10 @@ class CroPAViT(Encoder):
     last block; rates rise linearly from 0 over the blocks), ``cropa`` (False = full
     attention, the paper's ablation) and ``pos_every_block`` (add the positional embedding
     before every block as the reference does; False = once, before the first block).
-    ``embed`` is the mean over all tokens after the final LayerNorm.
+    ``pool`` chooses what ``embed`` returns: ``"mean"`` (the paper: the mean over all tokens
+    after the final LayerNorm, ``dim`` wide) or ``"lead_mean"`` (each lead's mean token,
+    concatenated in the encoder's lead order, ``n_leads * dim`` wide; leads absent from the
+    input are zeros, so reduced-lead inputs keep the width).
     """
 
     def __init__(
@@ -60,11 +58,16 @@ class CroPAViT(Encoder):
         drop_path: float = 0.1,
         cropa: bool = True,
         pos_every_block: bool = True,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
         _check_geometry(spec, dim, depth, heads, patch_size, drop_path)
+        if pool not in POOLINGS:
+            raise ConfigError(f"[encoder] pool = {pool!r} is not one of {', '.join(POOLINGS)}")
         self.spec = spec
-        self.embed_dim = dim
+        self.dim = dim
+        self.pool = pool
+        self.embed_dim = dim if pool == "mean" else dim * spec.n_leads
         self.depth = depth
         self.heads = heads
         self.mlp_ratio = mlp_ratio
@@ -84,7 +87,6 @@ class CroPAViT(Encoder):
         # fixed, so not part of the state_dict: [n_leads, n_slots, dim], lead index = row in spec.leads
         pos = sincos_2d(range(spec.n_leads), range(self.n_slots), dim)
         self.register_buffer("pos_embed", pos.view(spec.n_leads, self.n_slots, dim), persistent=False)
-        self._mask_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
         init_transformer_weights_(self)
         rescale_residual_branches_(self.blocks)
@@ -95,8 +97,19 @@ class CroPAViT(Encoder):
         lead_index = self._checked_leads(x, leads)
         batch, n_leads = x.shape[0], len(lead_index)
         patches = x.reshape(batch, n_leads * self.n_slots, self.patch_size)
-        pos = self._lead_pos(lead_index).reshape(n_leads * self.n_slots, self.embed_dim)
-        return self._encode(self.patch_embed(patches), pos, self._attention_mask(n_leads, self.n_slots, x.device))
+        pos = self._lead_pos(lead_index).reshape(n_leads * self.n_slots, self.dim)
+        return self._encode(self.patch_embed(patches), pos, self._attention_grid(n_leads, self.n_slots))
+
+    def embed(self, x: torch.Tensor, leads: Sequence[str] | None = None) -> torch.Tensor:
+        """The pooled representation ``[B, embed_dim]`` (see ``pool``)."""
+        tokens = self.tokens(x, leads)
+        if self.pool == "mean":
+            return tokens.mean(dim=1)
+        lead_index = self._checked_leads(x, leads)
+        per_lead = tokens.reshape(x.shape[0], len(lead_index), self.n_slots, self.dim).mean(dim=2)
+        out = per_lead.new_zeros(x.shape[0], self.spec.n_leads, self.dim)
+        out[:, lead_index] = per_lead
+        return out.reshape(x.shape[0], self.embed_dim)
 
     def context_tokens(
         self,
@@ -119,33 +132,35 @@ class CroPAViT(Encoder):
         lead_pos = self._lead_pos(lead_index)  # [L, S, D]
         if visible.dim() == 1:
             patches = patches.index_select(2, visible)
-            pos = lead_pos.index_select(1, visible).reshape(n_leads * n_visible, self.embed_dim)
+            pos = lead_pos.index_select(1, visible).reshape(n_leads * n_visible, self.dim)
         else:
             take = visible[:, None, :, None]
             patches = patches.gather(2, take.expand(batch, n_leads, n_visible, self.patch_size))
             pos = lead_pos.unsqueeze(0).expand(batch, -1, -1, -1)
-            pos = pos.gather(2, take.expand(batch, n_leads, n_visible, self.embed_dim))
-            pos = pos.reshape(batch, n_leads * n_visible, self.embed_dim)
+            pos = pos.gather(2, take.expand(batch, n_leads, n_visible, self.dim))
+            pos = pos.reshape(batch, n_leads * n_visible, self.dim)
         h = self.patch_embed(patches.reshape(batch, n_leads * n_visible, self.patch_size))
-        return self._encode(h, pos, self._attention_mask(n_leads, n_visible, x.device))
+        return self._encode(h, pos, self._attention_grid(n_leads, n_visible))
 
     # ------------------------------------------------------------------ internals
-    def _encode(self, h: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _encode(self, h: torch.Tensor, pos: torch.Tensor, attn_mask: CroPAGrid | None) -> torch.Tensor:
         if not self.pos_every_block:
             h = h + pos
         for block in self.blocks:
             h = block(h + pos if self.pos_every_block else h, attn_mask)
         return self.norm(h)
 
+    def _attention_grid(self, n_leads: int, n_slots: int) -> CroPAGrid | None:
+        """What the blocks get as ``attn_mask``: the CroPA pattern of the grid (no tensor), or None."""
+        return CroPAGrid(n_leads, n_slots) if self.cropa else None
+
     def _attention_mask(self, n_leads: int, n_slots: int, device: torch.device) -> torch.Tensor | None:
-        """The CroPA mask for an ``n_leads x n_slots`` grid, built once per geometry and device."""
-        if not self.cropa:
-            return None
-        key = (n_leads, n_slots, str(device))
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = self._mask_cache[key] = cropa_mask(n_leads, n_slots, device)
-        return mask
+        """The dense CroPA bool mask of an ``n_leads x n_slots`` grid (cached per geometry and device).
+
+        The blocks do not use it (they get :meth:`_attention_grid`); it is the mask every
+        CroPA path is equivalent to.
+        """
+        return CroPAGrid(n_leads, n_slots).dense_mask(device) if self.cropa else None
 
     def _lead_pos(self, lead_index: list[int]) -> torch.Tensor:
         if lead_index == list(range(self.spec.n_leads)):

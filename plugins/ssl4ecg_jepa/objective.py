@@ -132,7 +132,7 @@ class JEPAObjective(Objective):
         self.smooth_l1_beta = smooth_l1_beta
         self.evaluate = evaluate
         self.predictor = JEPAPredictor(
-            embed_dim=encoder.embed_dim,
+            embed_dim=encoder.dim,
             n_slots=encoder.n_slots,
             dim=predictor_dim,
             depth=predictor_depth,

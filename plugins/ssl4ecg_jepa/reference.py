@@ -172,7 +172,7 @@ def ecg_jepa_importer(
     """
     encoder, metadata = import_reference_checkpoint(path, heads=heads, sampling_rate=sampling_rate, leads=leads)
     options = {
-        "dim": encoder.embed_dim, "depth": encoder.depth, "heads": encoder.heads,
+        "dim": encoder.dim, "depth": encoder.depth, "heads": encoder.heads,
         "patch_size": encoder.patch_size, "mlp_ratio": encoder.mlp_ratio, "qkv_bias": encoder.qkv_bias,
         "drop_path": 0.0, "cropa": True, "pos_every_block": True,
     }

@@ -6,7 +6,9 @@ Submodule names follow the common ViT layout (``norm1``, ``attn.qkv``, ``attn.pr
 renaming prefixes only.
 
 Masks are boolean with ``True`` = *may attend*, broadcastable to ``[B, heads, N, N]``,
-and go straight to :func:`torch.nn.functional.scaled_dot_product_attention`.
+and go to :func:`torch.nn.functional.scaled_dot_product_attention`; a
+:class:`~ssl4ecg.nn.attention_cropa.CroPAGrid` in their place selects the mask-free
+Cross-Pattern Attention paths of :mod:`ssl4ecg.nn.attention_cropa`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import math
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ssl4ecg.nn.attention_cropa import CroPAGrid, cropa_attention, packed_sdpa
 
 
 class Attention(nn.Module):
@@ -36,13 +39,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend over ``x`` ``[B, N, D]``; ``attn_mask`` is bool, True = query may attend key."""
-        batch, n_tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, n_tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(batch, n_tokens, dim))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CroPAGrid | None = None) -> torch.Tensor:
+        """Attend over ``x`` ``[B, N, D]``.
+
+        ``attn_mask`` is a bool tensor (True = query may attend key) broadcastable to
+        ``[B, heads, N, N]``, or a :class:`~ssl4ecg.nn.attention_cropa.CroPAGrid`, which
+        computes the same masked attention without a mask tensor (see that module).
+        """
+        qkv = self.qkv(x)
+        if isinstance(attn_mask, CroPAGrid):
+            out = cropa_attention(qkv, self.num_heads, attn_mask)
+        else:
+            out = packed_sdpa(qkv, self.num_heads, attn_mask)
+        return self.proj(out)
 
 
 class Mlp(nn.Module):
@@ -103,8 +112,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One block over ``x`` ``[B, N, D]`` with an optional bool mask (True = may attend)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | CroPAGrid | None = None) -> torch.Tensor:
+        """One block over ``x`` ``[B, N, D]`` with an optional mask (bool, True = may attend, or a CroPAGrid)."""
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
