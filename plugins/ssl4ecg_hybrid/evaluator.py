@@ -11,11 +11,11 @@ from torch.nn import functional as F
 from ssl4ecg.clinical import FEATURE_NAMES, features_for
 from ssl4ecg.clinical.features import VERSION as CLINICAL_VERSION
 from ssl4ecg.errors import ConfigError
+from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
     check_choice,
     check_float,
     check_positive_int,
-    cosine_lr,
     prepare_task,
     seeded,
 )
@@ -83,7 +83,7 @@ def train_fusion_head(
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, warmup, lr)
+                group["lr"] = cosine_lr(step, total, lr, warmup_steps=warmup)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + step)  # dropout masks, reproducible
                 logits = head(None if e_tr is None else e_tr[idx], None if c_tr is None else c_tr[idx])

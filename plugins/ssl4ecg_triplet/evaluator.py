@@ -12,11 +12,11 @@ from torch.nn import functional as F
 
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.eval.clustering import cluster_scores
+from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
     check_choice,
     check_float,
     check_positive_int,
-    cosine_lr,
     prepare_task,
     seeded,
 )
@@ -229,7 +229,7 @@ class TripletProbe(Evaluator):
             for idx in label_set_batches(y["train"], self.groups_per_batch, self.per_group, gen):
                 idx_t = torch.from_numpy(idx)
                 for group in opt.param_groups:
-                    group["lr"] = cosine_lr(step, total, warmup, self.lr)
+                    group["lr"] = cosine_lr(step, total, self.lr, warmup_steps=warmup)
                 z, logits = head(x_tr[idx_t])
                 t_loss, t_logs = triplet_loss(z, y_tr[idx_t], self.margin, self.mining,
                                               self.pos_jaccard, self.neg_jaccard)

@@ -116,14 +116,6 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
-def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    span = max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
 # ---- option checks: one ConfigError naming the key ------------------------------------------
 
 def check_positive_int(evaluator: str, key: str, value: Any, minimum: int = 1) -> int:

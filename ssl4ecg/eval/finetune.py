@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ssl4ecg.errors import ConfigError
+from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
     check_float,
     check_positive_int,
-    cosine_lr,
     prepare_task,
     seeded,
 )
@@ -215,7 +215,7 @@ class Finetune(Evaluator):
                 epoch_loss = 0.0
                 for b, x in enumerate(iter_signal_batches(records, rows, self.batch_size, task.index["train"][perm])):
                     target = torch.from_numpy(y_train[perm[b * self.batch_size:(b + 1) * self.batch_size]]).to(device)
-                    lr = cosine_lr(step, total, warmup, self.lr)
+                    lr = cosine_lr(step, total, self.lr, warmup_steps=warmup)
                     for group in opt.param_groups:
                         group["lr"] = lr * group["lr_scale"]
                     with autocast(context):

@@ -11,13 +11,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ssl4ecg.errors import ConfigError
+from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
     Task,
     check_choice,
     check_float,
     check_float_list,
     check_positive_int,
-    cosine_lr,
     prepare_task,
     seeded,
 )
@@ -103,7 +103,7 @@ def _train_one(
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, warmup, lr)
+                group["lr"] = cosine_lr(step, total, lr, warmup_steps=warmup)
             logits = head(x_tr[idx])
             if multi_label:
                 loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx])
