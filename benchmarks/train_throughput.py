@@ -16,8 +16,8 @@ attention counted by ``torch.utils.flop_counter.FlopCounterMode``, CroPA attenti
 counted as the keys it actually uses, i.e. the factorised path's products), the
 fp32/bf16 GEMM rate measured in every round at the model's Linear shapes, utilisation =
 FLOPs/sample x samples/s / GEMM rate of the same round, and peak memory (on CPU the peak
-RSS of a fresh process during two steps above its RSS before them, i.e. optimiser state,
-gradients and activations; ``torch.cuda.max_memory_allocated`` on CUDA). Samples per
+RSS of a fresh process doing two steps, with its RSS before the steps;
+``torch.cuda.max_memory_allocated`` on CUDA). Samples per
 CPU-second (process CPU time) are printed too: with one thread they are far less
 sensitive than wall-clock time to other jobs on a shared machine.
 
@@ -79,32 +79,35 @@ class Workload:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     step_index: int = 0
 
-    fused_adamw: bool = False
-
     def __post_init__(self) -> None:
         self.objective.to(self.device).train()
         self.batch = self.batch.to(self.device)
-        if self.fused_adamw:  # what ssl4ecg.train.optim does on CUDA, here on any device
-            groups = param_groups(self.objective, 0.05)
-            self.optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), fused=True)
-        else:
-            self.optimizer = make_optimizer(self.objective, 1e-4, 0.05, (0.9, 0.999), self.device)
+        self.optimizer = make_optimizer(self.objective, 1e-4, 0.05, (0.9, 0.999), self.device)
+        self._fused: torch.optim.Optimizer | None = None
 
-    def step(self, precision: str, loss_fn: Callable | None = None) -> float:
+    def fused_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with ``fused=True`` over the same groups (``ssl4ecg.train.optim`` fuses on CUDA only)."""
+        if self._fused is None:
+            groups = param_groups(self.objective, 0.05)
+            self._fused = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.999), fused=True)
+        return self._fused
+
+    def step(self, precision: str, loss_fn: Callable | None = None, fused_adamw: bool = False) -> float:
         """One training step as the loop does it; returns the loss."""
         info = StepInfo(step=self.step_index, total_steps=10_000, epoch=0, generator=self.generator)
         with autocast(self.device, precision):
             out = (loss_fn or self.objective.loss)(self.batch, info)
         out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.fused_optimizer() if fused_adamw else self.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.objective.after_step(info)
         self.step_index += 1
         return float(out.loss.detach())
 
 
-def jepa_workload(config: str, device: torch.device, seed: int = 0, fused_adamw: bool = False) -> Workload:
+def jepa_workload(config: str, device: torch.device, seed: int = 0) -> Workload:
     """The JEPA objective at ``config`` with random signals (throughput does not depend on values)."""
     registry = get_registry()
     spec = SignalSpec(JEPA_LEADS, 250.0, 2500)
@@ -115,11 +118,10 @@ def jepa_workload(config: str, device: torch.device, seed: int = 0, fused_adamw:
     objective = registry.build("objective", "jepa", dict(cfg["objective"]), "objective",
                                encoder=encoder, masker=masker, spec=spec, registry=registry)
     signal = torch.randn(cfg["batch"], spec.n_leads, spec.n_samples, generator=torch.Generator().manual_seed(seed))
-    return Workload(f"jepa-{config}", objective, Batch(signal=signal, leads=spec.leads, sampling_rate=250.0), device,
-                    fused_adamw=fused_adamw)
+    return Workload(f"jepa-{config}", objective, Batch(signal=signal, leads=spec.leads, sampling_rate=250.0), device)
 
 
-def recipe_workload(method: str, device: torch.device, seed: int = 0, fused_adamw: bool = False) -> Workload:
+def recipe_workload(method: str, device: torch.device, seed: int = 0) -> Workload:
     """Another method's step at its small recipe's encoder/objective/masker and batch size."""
     from ssl4ecg.recipe import load_recipe
 
@@ -143,7 +145,7 @@ def recipe_workload(method: str, device: torch.device, seed: int = 0, fused_adam
     patient_ids = [f"p{i // 2}" for i in range(batch_size)]  # CMSC: pairs of records per patient
     batch = Batch(signal=signal, leads=leads, sampling_rate=rate, extra=extra,
                   record_ids=[f"r{i}" for i in range(batch_size)], patient_ids=patient_ids)
-    return Workload(f"{method}-small", objective, batch, device, fused_adamw=fused_adamw)
+    return Workload(f"{method}-small", objective, batch, device)
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -220,30 +222,36 @@ def _sync(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------- memory
-def peak_memory_mb(workload: str, precision: str, device: torch.device, threads: int) -> float | None:
-    """Peak memory of two steps: CUDA max_memory_allocated, or (CPU) the peak RSS of a fresh
-    process during two steps minus its RSS before them (model, optimiser state, activations)."""
+def peak_memory_mb(workload: str, precision: str, device: torch.device, threads: int) -> dict | None:
+    """Peak memory of two training steps.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: a fresh process builds the workload and
+    runs two steps; ``peak`` is its peak RSS (``VmHWM``, everything: interpreter,
+    libraries, model, optimiser state, activations) and ``before`` its RSS before the steps.
+    RSS depends on the allocator's caching, so differences below ~10 % are noise.
+    """
     if device.type == "cuda":
         work = _build(workload, device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):
             work.step(precision)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return {"peak": torch.cuda.max_memory_allocated(device) / 2**20, "before": None}
     command = [sys.executable, __file__, "--_memory-probe", workload, precision, "--threads", str(threads)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
-        return float(done.stdout.strip().splitlines()[-1])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
+        before, peak = (float(v) for v in done.stdout.strip().splitlines()[-1].split())
+        return {"peak": peak, "before": before}
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
 def _memory_probe(workload: str, precision: str) -> None:
-    """Print the peak RSS of two steps above the RSS before them (MiB): what training adds."""
+    """Print the RSS before two steps and the peak RSS (MiB)."""
     work = _build(workload, torch.device("cpu"))
     before = _current_rss_mb()
     for _ in range(2):
         work.step(precision)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)  # ru_maxrss: KiB on Linux
+    print(before, _peak_rss_mb())
 
 
 def _current_rss_mb() -> float:
@@ -254,11 +262,21 @@ def _current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _build(workload: str, device: torch.device, fused_adamw: bool = False) -> Workload:
+def _peak_rss_mb() -> float:
+    """VmHWM (this process image's peak RSS); ``ru_maxrss`` would include the parent's RSS
+    at fork time, which Linux carries across ``exec``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(workload: str, device: torch.device) -> Workload:
     method, config = workload.split("-", 1)
-    if method == "jepa":
-        return jepa_workload(config, device, fused_adamw=fused_adamw)
-    return recipe_workload(method, device, fused_adamw=fused_adamw)
+    return jepa_workload(config, device) if method == "jepa" else recipe_workload(method, device)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -297,7 +315,7 @@ def time_steps(work: Workload, variants: dict[str, Callable[[], float]], steps: 
 
 def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """All numbers for one workload."""
-    work = _build(workload, device, fused_adamw=args.fused_adamw)
+    work = _build(workload, device)
     n = len(work.batch)
     flops = flops_per_sample(work)
     shapes = gemm_shapes(work)
@@ -307,6 +325,9 @@ def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> 
         # the issue's reference: a plain fp32 step, CroPA as SDPA with the dense [N, N] mask
         variants["fp32-plain"] = lambda: _with_backend("dense", work.step, "fp32")
     variants.update({p: (lambda p=p: work.step(p)) for p in precisions})
+    if args.fused_adamw:
+        for p in precisions:
+            variants[f"{p}+fusedadam"] = lambda p=p: work.step(p, fused_adamw=True)
     if args.compile:
         compiled = torch.compile(work.objective.loss)
         for p in precisions:
@@ -361,7 +382,7 @@ def report(result: dict[str, Any], reference: float | None) -> str:
     header = (f"{'variant':14s} {'samples/s':>9s} {'best':>6s} {'/CPU-s':>7s} {'x fp32':>6s}"
               + (f" {'x plain':>7s}" if plain else "")
               + f" {'util fp32':>9s} {'util own':>8s}"
-              + (f" {'x ref':>6s} {'x ref best':>10s}" if reference else "") + f" {'step MB':>8s}")
+              + (f" {'x ref':>6s} {'x ref best':>10s}" if reference else "") + f" {'peak RSS MB (before steps)':>26s}")
     lines.append(header)
     for name, e in result["variants"].items():
         base = name.split("+")[0].split("-")[0]
@@ -373,7 +394,10 @@ def report(result: dict[str, Any], reference: float | None) -> str:
         if reference:
             row += f" {e['vs_reference']:6.2f} {e['best_vs_reference']:10.2f}"
         mem = e["peak_memory_mb"]
-        row += f" {mem:8.0f}" if mem is not None else f" {'-':>8s}"
+        if mem is None:
+            row += f" {'-':>26s}"
+        else:
+            row += f" {mem['peak']:19.0f}" + (f" ({mem['before']:.0f})" if mem["before"] is not None else "")
         lines.append(row)
     if reference:
         best = max(result["variants"].values(), key=lambda e: e["samples_per_s_median"])
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd objectives")
     parser.add_argument("--fused-adamw", action="store_true",
-                        help="fused AdamW (ssl4ecg.train.optim uses it on CUDA only) instead of foreach")
+                        help="also time steps with fused AdamW (ssl4ecg.train.optim fuses on CUDA only)")
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the plain-fp32 (dense CroPA mask) JEPA variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

@@ -21,7 +21,7 @@ passed where a boolean mask would go and every backend turns it into what it nee
   slot), so FlexAttention saves the mask tensor, not attention FLOPs.
 
 ``"auto"`` picks flex on CUDA when available (dense if it fails), on CPU dense for short
-sequences and for forward-only bf16/fp16 calls up to ~1000 tokens (the fused CPU flash
+sequences and for forward-only bf16/fp16 calls below 600 tokens (the fused CPU flash
 kernel's good cases) and the factorised path otherwise (measurements in
 ``docs/performance.md``). ``$SSL4ECG_CROPA_BACKEND`` sets the process default and
 :func:`use_backend` overrides it for a block.
@@ -43,7 +43,7 @@ BACKENDS = ("auto", "dense", "factorised", "flex")
 #: on CPU, ``auto`` uses the dense kernel below this many tokens ...
 DENSE_BELOW_TOKENS = 128
 #: ... and for forward-only bf16/fp16 calls (the EMA teacher) below this many
-DENSE_BF16_FORWARD_BELOW = 1024
+DENSE_BF16_FORWARD_BELOW = 600
 #: on CPU, unmasked bf16/fp16 attention with gradients up to this length uses blockwise_attention
 BLOCKWISE_MAX_TOKENS = 128
 
