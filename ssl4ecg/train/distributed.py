@@ -28,7 +28,9 @@ def init(device_type: str) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group once every rank is done (all ranks call this)."""
     if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

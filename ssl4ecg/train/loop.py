@@ -243,6 +243,7 @@ class Trainer:
             st.seconds = seconds_before + (time.perf_counter() - t_segment)
             if st.step % ckpt_every == 0 and st.step < st.horizon:
                 self.save()
+        batches.close()  # stops the loader's prefetch thread before anything else runs
         st.seconds = seconds_before + (time.perf_counter() - t_segment)
         st.done = True
         if self.world > 1:
