@@ -13,6 +13,7 @@ from ssl4ecg.clinical.features import VERSION as CLINICAL_VERSION
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
+    BestOnValidation,
     check_choice,
     check_float,
     check_positive_int,
@@ -76,7 +77,7 @@ def train_fusion_head(
     steps_per_epoch = -(-n // batch_size)
     total = epochs * steps_per_epoch
     warmup = min(warmup_epochs, epochs) * steps_per_epoch
-    best_state, best_epoch, best_auc, history, step = None, 0, -np.inf, [], 0
+    best, history, step = BestOnValidation(), [], 0
     for epoch in range(epochs):
         head.train()
         perm = torch.randperm(n, generator=gen)
@@ -99,15 +100,10 @@ def train_fusion_head(
             probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
         val_auc = auc_macro(targets["val"], probs.numpy())
         history.append(float(val_auc))
-        if np.isfinite(val_auc) and val_auc > best_auc:
-            best_auc, best_epoch = float(val_auc), epoch + 1
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    if best_state is None:
-        raise ConfigError("the val split has no class with both positive and negative records; "
-                          "use a larger or stratified val split.")
-    head.load_state_dict(best_state)
+        best.update(val_auc, epoch + 1, head)
+    head.load_state_dict(best.best_state())
     head.eval()
-    return head, best_epoch, best_auc, history
+    return head, best.epoch, best.score, history
 
 
 def predict(head: FusionHead, emb: np.ndarray | None, clin: np.ndarray | None, multi_label: bool) -> np.ndarray:

@@ -14,6 +14,7 @@ from ssl4ecg.errors import ConfigError
 from ssl4ecg.eval.clustering import cluster_scores
 from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
+    BestOnValidation,
     check_choice,
     check_float,
     check_positive_int,
@@ -221,7 +222,7 @@ class TripletProbe(Evaluator):
                                                 torch.Generator().manual_seed(seed)))
         total = self.epochs * steps_per_epoch
         warmup = min(self.warmup_epochs, self.epochs) * steps_per_epoch
-        best_state, best_epoch, best_score, history, step = None, 0, -np.inf, [], 0
+        best, history, step = BestOnValidation(), [], 0
         last_logs: dict[str, float] = {}
         for epoch in range(self.epochs):
             head.train()
@@ -255,15 +256,10 @@ class TripletProbe(Evaluator):
                          "active_triplets": float(np.mean(act))}
             history.append({"epoch": epoch + 1, "val_auc_macro": float(val_auc),
                             "val_knn_auc_macro": float(val_knn), "k": int(k), **last_logs})
-            if np.isfinite(score) and score > best_score:
-                best_score, best_epoch = float(score), epoch + 1
-                best_state = {name: v.detach().clone() for name, v in head.state_dict().items()}
-        if best_state is None:
-            raise ConfigError("the val split has no class with both positive and negative records; "
-                              "use a larger or stratified val split.")
-        head.load_state_dict(best_state)
+            best.update(score, epoch + 1, head)
+        head.load_state_dict(best.best_state())
         head.eval()
-        return head, {"epoch": best_epoch, "history": history}
+        return head, {"epoch": best.epoch, "history": history}
 
     # ------------------------------------------------------------------ evaluation
 

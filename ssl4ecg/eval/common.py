@@ -116,6 +116,32 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
+class BestOnValidation:
+    """Remembers a module's weights at the epoch with the best (finite) validation score."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf
+        self.epoch = 0
+        self.state: dict | None = None
+
+    def update(self, score: float, epoch: int, module) -> bool:
+        """Keep a copy of ``module``'s weights if ``score`` beats the best so far."""
+        if not (np.isfinite(score) and score > self.score):
+            return False
+        self.score, self.epoch = float(score), int(epoch)
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return True
+
+    def best_state(self) -> dict:
+        """The kept weights; a ConfigError when no epoch had a usable validation score."""
+        if self.state is None:
+            raise ConfigError(
+                "the val split has no class with both positive and negative records, so nothing can be "
+                "chosen on it; use a larger or stratified val split."
+            )
+        return self.state
+
+
 # ---- option checks: one ConfigError naming the key ------------------------------------------
 
 def check_positive_int(evaluator: str, key: str, value: Any, minimum: int = 1) -> int:

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
+    BestOnValidation,
     Task,
     check_choice,
     check_float,
@@ -95,7 +96,7 @@ def _train_one(
     steps_per_epoch = -(-n // batch_size)
     total = epochs * steps_per_epoch
     warmup = min(warmup_epochs, epochs) * steps_per_epoch
-    best_state, best_epoch, best_auc, history = None, 0, -np.inf, []
+    best, history = BestOnValidation(), []
     step = 0
     for epoch in range(epochs):
         head.train()
@@ -118,15 +119,8 @@ def _train_one(
             probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
         val_auc = auc_macro(y_va, probs.numpy())
         history.append(float(val_auc))
-        if np.isfinite(val_auc) and val_auc > best_auc:
-            best_auc, best_epoch = float(val_auc), epoch + 1
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    if best_state is None:
-        raise ConfigError(
-            "the val split has no class with both positive and negative records, so nothing can be "
-            "chosen on it; use a larger or stratified val split."
-        )
-    return best_state, best_epoch, best_auc, history
+        best.update(val_auc, epoch + 1, head)
+    return best.best_state(), best.epoch, best.score, history
 
 
 def fit_probe(
