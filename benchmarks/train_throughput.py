@@ -388,7 +388,8 @@ def report(result: dict[str, Any], reference: float | None) -> str:
         base = name.split("+")[0].split("-")[0]
         own = e.get(f"utilisation_vs_{base}_gemm", e["utilisation_vs_fp32_gemm"])
         row = (f"{name:14s} {e['samples_per_s_median']:9.2f} {e['samples_per_s_best']:6.2f} "
-               f"{e['samples_per_cpu_s_median']:7.2f} {e.get('speedup_vs_fp32_same_round', 1.0):6.2f}"
+               f"{e['samples_per_cpu_s_median']:7.2f} "
+               + (f"{e['speedup_vs_fp32_same_round']:6.2f}" if "speedup_vs_fp32_same_round" in e else f"{'-':>6s}")
                + (f" {e['speedup_vs_fp32-plain_same_round']:7.2f}" if plain else "")
                + f" {e['utilisation_vs_fp32_gemm']:9.1%} {own:8.1%}")
         if reference:
