@@ -27,12 +27,17 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(module: nn.Module, lr: float, weight_decay: float, betas: Iterable[float],
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, fused on CUDA and foreach elsewhere."""
+    """AdamW over :func:`param_groups`: fused on CUDA and CPU (its CPU update is ~5.5x faster than
+    foreach, +21 % on the paper-size bf16 step; docs/performance.md), foreach where fused is missing."""
     groups = param_groups(module, weight_decay)
     if not groups:
         raise ValueError("the objective has no trainable parameters")
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **kwargs)
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+        except (RuntimeError, TypeError, ValueError):  # a torch build without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=True)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, min_lr: float = 0.0, warmup_steps: int = 0) -> float:
