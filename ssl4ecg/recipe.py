@@ -34,6 +34,10 @@ RUN_DEFAULTS: dict[str, Any] = {
     "seed": 0,  # seeds torch, numpy, random, the data order, masks and augmentations
     "device": "auto",  # auto | cpu | cuda | cuda:N | mps
     "out_root": "runs",  # default parent of run directories
+    # precision of frozen-feature extraction and fine-tuning in [[eval]]: fp32 | bf16 | train (the
+    # [train] precision). fp32 by default: bf16 keeps 8 significant bits, and the spread between
+    # records of a young encoder's pooled features can be ~1 % of their mean.
+    "eval_precision": "fp32",
 }
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -209,6 +213,7 @@ def _check_fixed(values: dict[str, Any], defaults: dict[str, Any], section: str,
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     _check_choice(values, "precision", ("auto", "bf16", "fp32"), section, source)
+    _check_choice(values, "eval_precision", ("fp32", "bf16", "train"), section, source)
     _check_choice(values, "nan_policy", ("stop", "skip"), section, source)
 
 

@@ -101,6 +101,8 @@ class Run:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", dist.local_rank())
         self.precision = resolve_precision(self.recipe.train["precision"], self.device)
+        eval_precision = self.recipe.run["eval_precision"]
+        self.eval_precision = self.precision if eval_precision == "train" else eval_precision
         if int(self.recipe.train["num_threads"]) > 0:
             torch.set_num_threads(int(self.recipe.train["num_threads"]))
 
@@ -242,7 +244,7 @@ class Run:
             seed_everything(self.seed)
             context = EvalContext(device=self.device, seed=self.seed, out_dir=self.run_dir,
                                   batch_size=max(64, int(self.recipe.train["batch_size"])),
-                                  precision=self.precision)
+                                  precision=self.eval_precision)
             result = evaluator.evaluate(encoder, records, context)
             result.setdefault("protocol", evaluator.protocol())
             result["protocol"].setdefault("data", self.eval_protocol_data())

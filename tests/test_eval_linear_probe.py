@@ -1,4 +1,7 @@
-"""Linear probe: reaches AUC ~1 on separable features, chooses on val only, deterministic."""
+"""Linear probe: reaches AUC ~1 on separable features, chooses on val only, deterministic.
+
+Both solvers: ``lbfgs`` (converged logistic regression, the default; checked against
+scikit-learn) and ``adamw`` (ECG-JEPA's 10-epoch protocol)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import pytest
 import torch
 
 from ssl4ecg.errors import ConfigError
-from ssl4ecg.eval.linear_probe import LinearProbe, fit_probe
+from ssl4ecg.eval.linear_probe import LinearProbe, fit_logistic, fit_probe
+from ssl4ecg.eval.metrics import auc_macro
 from ssl4ecg.eval.testing import FlattenEncoder, features_as_records, synthetic_records
 from ssl4ecg.interfaces import EvalContext
 from ssl4ecg.registry import collect
@@ -23,7 +27,7 @@ def separable():
 
 
 def test_separable_features_reach_auc_one(separable):
-    out = LinearProbe(lr=0.05, bootstrap=200).evaluate(FlattenEncoder(separable.spec), separable, ctx())
+    out = LinearProbe(solver="adamw", lr=0.05, bootstrap=200).evaluate(FlattenEncoder(separable.spec), separable, ctx())
     assert out["auc_macro"] > 0.99
     assert out["f1_macro"] > 0.9
     assert set(out["auc_per_class"]) == {"c0", "c1", "c2"}
@@ -42,7 +46,7 @@ def test_separable_features_reach_auc_one(separable):
 
 def test_shuffled_test_labels_do_not_change_the_choice():
     rec = synthetic_records(n_per_split=(200, 80, 80), separation=1.5, seed=1)
-    probe = LinearProbe(lr=0.02, bootstrap=0, lr_grid=(0.002, 0.02))
+    probe = LinearProbe(solver="adamw", lr=0.02, bootstrap=0, lr_grid=(0.002, 0.02))
     a = probe.evaluate(FlattenEncoder(rec.spec), rec, ctx())
     test = np.flatnonzero(rec.splits == "test")
     shuffled = rec.subset(np.arange(len(rec)))
@@ -58,7 +62,7 @@ def test_val_labels_drive_the_choice():
     # a head that barely moves from its random start (lr 1e-5) scores ~0.5 on val; a trained one
     # scores high on true val labels and low on inverted ones: the choice must follow val
     rec = synthetic_records(n_per_split=(200, 80, 80), separation=1.5, seed=1)
-    probe = LinearProbe(bootstrap=0, lr_grid=(1e-5, 0.05), head_init="default")
+    probe = LinearProbe(solver="adamw", bootstrap=0, lr_grid=(1e-5, 0.05), head_init="default")
     a = probe.evaluate(FlattenEncoder(rec.spec), rec, ctx())
     assert a["lr"] == 0.05
     val = np.flatnonzero(rec.splits == "val")
@@ -71,12 +75,72 @@ def test_val_labels_drive_the_choice():
 
 
 def test_deterministic_given_seed(separable):
-    probe = LinearProbe(lr=0.01, bootstrap=50)
+    probe = LinearProbe(solver="adamw", lr=0.01, bootstrap=50)
     enc = FlattenEncoder(separable.spec)
     a, b = probe.evaluate(enc, separable, ctx(3)), probe.evaluate(enc, separable, ctx(3))
     assert a == b
     c = probe.evaluate(enc, separable, ctx(4))
     assert c["val_auc_history"] != a["val_auc_history"]
+
+
+def test_lbfgs_separable_reaches_auc_one_and_reports_its_choice(separable):
+    out = LinearProbe(bootstrap=200).evaluate(FlattenEncoder(separable.spec), separable, ctx())
+    assert out["auc_macro"] > 0.99 and out["f1_macro"] > 0.9
+    assert out["protocol"]["solver"] == "lbfgs" and "epochs" not in out["protocol"]
+    by_l2 = out["val_auc_by_l2"]
+    assert set(by_l2) == {"1e-05", "0.0001", "0.001", "0.01", "0.1", "1"}
+    assert out["val_auc_macro"] == max(by_l2.values())
+    assert by_l2[f"{out['l2']:g}"] == out["val_auc_macro"]
+    assert "epoch" not in out and out["iterations"] > 0
+
+
+def test_lbfgs_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 7))
+    logits = x @ rng.normal(size=(7, 3))
+    y_multi = (logits + rng.normal(size=logits.shape) > 0.5).astype(np.float64)
+    l2 = 0.01
+    fit = fit_logistic(x, y_multi, x, y_multi, l2_grid=(l2,), standardize=False)
+    for c in range(3):  # multi-label: one-vs-rest, C = 1 / (l2 * n)
+        ref = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-10, max_iter=10_000).fit(x, y_multi[:, c])
+        np.testing.assert_allclose(fit.weight[c], ref.coef_[0], atol=1e-5)
+        np.testing.assert_allclose(fit.bias[c], ref.intercept_[0], atol=1e-5)
+    y_class = np.eye(3)[np.argmax(logits + rng.normal(size=logits.shape), axis=1)]
+    fit = fit_logistic(x, y_class, x, y_class, multi_label=False, l2_grid=(l2,), standardize=False)
+    ref = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-10, max_iter=10_000).fit(x, y_class.argmax(1))
+    np.testing.assert_allclose(fit.predict(x), ref.predict_proba(x), atol=1e-6)
+
+
+def test_lbfgs_finds_a_signal_that_ten_adamw_epochs_miss():
+    # five strong shared directions hide a weak label direction (the conditioning of a young
+    # encoder's pooled features): gradient steps barely move along it in 10 epochs, L-BFGS does
+    rng = np.random.default_rng(0)
+    mix, signal = np.random.default_rng(1).normal(size=(5, 300)), np.random.default_rng(2).normal(size=(2, 300))
+
+    def make(n):
+        y = (rng.random((n, 2)) < 0.3).astype(np.float64)
+        x = 3 * rng.normal(size=(n, 5)) @ mix + 0.05 * (0.7 * (y - 0.3) @ signal + rng.normal(size=(n, 300)))
+        return x + 10.0, y
+
+    (xtr, ytr), (xva, yva), (xte, yte) = make(600), make(200), make(200)
+    converged = fit_logistic(xtr, ytr, xva, yva)
+    paper = fit_probe(xtr, ytr, xva, yva)
+    assert auc_macro(yte, converged.predict(xte)) > 0.95
+    assert auc_macro(yte, paper.predict(xte)) < 0.7
+
+
+def test_lbfgs_choice_ignores_test_labels():
+    rec = synthetic_records(n_per_split=(200, 80, 80), separation=1.5, seed=1)
+    a = LinearProbe(bootstrap=0).evaluate(FlattenEncoder(rec.spec), rec, ctx())
+    test = np.flatnonzero(rec.splits == "test")
+    shuffled = rec.subset(np.arange(len(rec)))
+    shuffled.labels = rec.labels.copy()
+    shuffled.labels[test] = rec.labels[np.random.default_rng(0).permutation(test)]
+    b = LinearProbe(bootstrap=0).evaluate(FlattenEncoder(rec.spec), shuffled, ctx())
+    assert a["l2"] == b["l2"] and a["val_auc_by_l2"] == b["val_auc_by_l2"]
+    assert a["auc_macro"] > 0.7 and abs(b["auc_macro"] - 0.5) < 0.15
 
 
 def test_multiclass_drops_multilabel_records_and_uses_softmax():
@@ -108,6 +172,10 @@ def test_fit_probe_standardize_is_fitted_on_train():
     ({"bootstrap": -5}, "bootstrap"),
     ({"alpha": 0.7}, "alpha"),
     ({"epoch": 3}, "epoch"),
+    ({"solver": "sgd"}, "solver"),
+    ({"l2_grid": []}, "l2_grid"),
+    ({"l2_grid": [1e-3, -1.0]}, "l2_grid"),
+    ({"max_iter": 0}, "max_iter"),
 ])
 def test_bad_options_are_config_errors_naming_the_key(options, key):
     registry = collect(load_entry_points=False)

@@ -75,7 +75,7 @@ class LowShot(LinearProbe):
     """Linear probe trained on nested stratified fractions of train; ``trials`` seeded repeats.
 
     For each trial ``t`` the subsets come from a seed derived from the evaluation seed and ``t``
-    (so every method sees the same records), the probe is fitted on the subset, its epoch chosen
+    (so every method sees the same records), the probe is fitted on the subset, its hyper-parameters chosen
     on the full val split, and test is scored. Reports, per fraction ``f``, the mean and std over
     trials as ``auc_macro@f`` / ``auc_macro@f_std`` (and the same for ``f1_macro``).
     """
@@ -86,6 +86,9 @@ class LowShot(LinearProbe):
         self,
         fractions: tuple = (0.01, 0.1),
         trials: int = 5,
+        solver: str = "lbfgs",
+        l2_grid: tuple = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+        max_iter: int = 1000,
         multi_label: bool = True,
         standardize: bool = True,
         epochs: int = 10,
@@ -99,7 +102,7 @@ class LowShot(LinearProbe):
         threshold: float = 0.5,
     ) -> None:
         super().__init__(
-            multi_label=multi_label, standardize=standardize, epochs=epochs, lr=lr,
+            solver=solver, l2_grid=l2_grid, max_iter=max_iter, multi_label=multi_label, standardize=standardize, epochs=epochs, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, warmup_epochs=warmup_epochs,
             lr_grid=lr_grid, weight_decay_grid=weight_decay_grid, head_init=head_init, threshold=threshold, bootstrap=0,
         )
@@ -138,7 +141,7 @@ class LowShot(LinearProbe):
                 out[f"{metric}@{tag}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 out["headline"].append(f"{metric}@{tag}")
             out[f"trials@{tag}"] = [
-                {k: r[k] for k in ("auc_macro", "f1_macro", "val_auc_macro", "epoch", "n_train")}
+                {k: r[k] for k in ("auc_macro", "f1_macro", "val_auc_macro", "epoch", "l2", "n_train") if k in r}
                 for r in per_fraction[f]
             ]
         out["protocol"] = {**self.protocol(), **task.protocol()}

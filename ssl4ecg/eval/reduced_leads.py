@@ -15,7 +15,7 @@ class ReducedLeads(LinearProbe):
     """Linear probe on ``encoder.embed(x[:, leads], leads=leads)`` for every lead set.
 
     The encoder sees only the chosen leads (e.g. lead II alone, or II and V1, as in ECG-JEPA's
-    reduced-lead experiments). Each set gets its own probe (epoch chosen on val) and reports
+    reduced-lead experiments). Each set gets its own probe (chosen on val) and reports
     ``auc_macro@II+V1``, ``f1_macro@II+V1`` with bootstrap intervals, and per-class AUCs.
     """
 
@@ -24,6 +24,9 @@ class ReducedLeads(LinearProbe):
     def __init__(
         self,
         lead_sets: tuple = (("II",), ("II", "V1")),
+        solver: str = "lbfgs",
+        l2_grid: tuple = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+        max_iter: int = 1000,
         multi_label: bool = True,
         standardize: bool = True,
         epochs: int = 10,
@@ -39,7 +42,7 @@ class ReducedLeads(LinearProbe):
         alpha: float = 0.05,
     ) -> None:
         super().__init__(
-            multi_label=multi_label, standardize=standardize, epochs=epochs, lr=lr,
+            solver=solver, l2_grid=l2_grid, max_iter=max_iter, multi_label=multi_label, standardize=standardize, epochs=epochs, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, warmup_epochs=warmup_epochs,
             lr_grid=lr_grid, weight_decay_grid=weight_decay_grid, head_init=head_init, threshold=threshold,
             bootstrap=bootstrap, alpha=alpha,
@@ -81,7 +84,7 @@ class ReducedLeads(LinearProbe):
                 out["headline"].append(f"{key}@{tag}")
             out[f"details@{tag}"] = {
                 k: res[k] for k in ("auc_per_class", "auc_per_class_ci", "classes_excluded",
-                                    "val_auc_macro", "epoch", "lr", "weight_decay") if k in res
+                                    "val_auc_macro", "epoch", "lr", "weight_decay", "l2") if k in res
             }
         out["protocol"] = {**self.protocol(), **task.protocol()}
         return out
