@@ -2,12 +2,15 @@
 
 Every configuration is ``recipes/jepa_small.toml`` plus a few ``--set`` overrides, pretrained
 for the same number of optimiser steps (so the study is reproducible with its seed and does
-not depend on machine load), probed with the same linear probe (chosen on validation, test
-once, bootstrap 95 % intervals), and gathered by ``ssl4ecg compare``:
+not depend on machine load), probed with the same linear probe (the default converged L-BFGS
+probe, L2 chosen on validation, test once, bootstrap 95 % intervals), and gathered by
+``ssl4ecg compare``:
 
-    python benchmarks/jepa_ablation.py --data ../shared/data/ptbxl-mini --steps 100 --jobs 2
+    python benchmarks/jepa_ablation.py --data ../shared/data/ptbxl-mini --steps 400 --jobs 2
 
-The table lands in ``bench_out/jepa_ablation/table.md`` (and .csv/.json, plus plots).
+The table lands in ``bench_out/jepa_ablation/table.md`` (and .csv/.json, plus plots). A run
+scored with another probe protocol than the current one (e.g. by an older version) is not
+retrained: its saved encoder is re-scored with ``ssl4ecg eval`` into ``<out>/rescored/<name>``.
 """
 
 from __future__ import annotations
@@ -24,45 +27,90 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: name -> overrides of recipes/jepa_small.toml (each one lever against the "base" row)
 CONFIGS: dict[str, list[str]] = {
-    "random_init": ["train.max_steps=0"],
     "base": [],
-    "paper_ema": ["objective.ema_start=0.996", "objective.ema_end=1.0"],
-    "native_100hz_patch25": ["data.sampling_rate=100.0", "encoder.patch_size=25"],
-    "per_sample_masks": ["masker.per_sample=true"],
-    "lr_1e-3": ["train.lr=1e-3"],
     "teacher_representation": ["objective.evaluate='teacher'"],
-    "lead_mean_pooling": ["encoder.pool='lead_mean'"],
-    "random_init_lead_mean": ["train.max_steps=0", "encoder.pool='lead_mean'"],
+    "paper_ema": ["objective.ema_start=0.996", "objective.ema_end=1.0"],
+    "lr_2.5e-4": ["train.lr=2.5e-4"],
+    "random_masks": ["masker.name='random'"],
+    "native_100hz_patch25": ["data.sampling_rate=100.0", "encoder.patch_size=25"],
+    "mean_pooling": ["encoder.pool='mean'"],
+    "per_sample_masks": ["masker.per_sample=true"],
+    "short_blocks": ["masker.scale_min=0.1", "masker.scale_max=0.15"],
+    "predictor_192_4": ["objective.predictor_dim=192", "objective.predictor_depth=4"],
+    "lr_1e-3": ["train.lr=1e-3"],
+    "random_init": ["train.max_steps=0"],
+    "random_init_mean_pooling": ["train.max_steps=0", "encoder.pool='mean'"],
 }
 
-#: the common protocol of every row
-PROTOCOL = ["eval.0.name='linear_probe'", "eval.0.lr_grid=[5e-4, 2e-3, 1e-2]"]
+#: the common protocol of every row (the linear probe's defaults)
+PROTOCOL = ["eval.0.name='linear_probe'"]
+
+
+def current_result(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a linear-probe result of the current protocol (default solver)."""
+    import json
+
+    from ssl4ecg.eval.linear_probe import LinearProbe
+
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return False
+    probe = json.loads(path.read_text()).get("eval", {}).get("linear_probe", {})
+    return probe.get("protocol", {}).get("solver") == LinearProbe().solver
+
+
+def rescore(name: str, args) -> tuple[str, int, float]:
+    """Score the saved encoder of a run made under an older probe protocol."""
+    from ssl4ecg.eval.linear_probe import LinearProbe
+
+    run_dir, out = Path(args.out) / name, Path(args.out) / "rescored" / name
+    if current_result(out):
+        return name, 0, 0.0
+    cmd = [sys.executable, "-m", "ssl4ecg", "eval", str(run_dir), "--recipe", str(run_dir / "recipe.toml"),
+           "--out", str(out)]
+    for item in (*PROTOCOL, f"eval.0.solver='{LinearProbe().solver}'"):  # the run's entry, current solver
+        cmd += ["--set", item]
+    return _call(name, cmd, args)
+
+
+def _call(name: str, cmd: list[str], args) -> tuple[str, int, float]:
+    log = Path(args.out) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "a") as handle:
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return name, code, time.time() - start
+
+
+def result_dir(name: str, args) -> Path:
+    """Where the current result of configuration ``name`` lives (its run, or its re-scoring)."""
+    run_dir = Path(args.out) / name
+    return run_dir if current_result(run_dir) else Path(args.out) / "rescored" / name
 
 
 def run_one(name: str, overrides: list[str], args) -> tuple[str, int, float]:
     out = Path(args.out) / name
-    if (out / "metrics.json").exists() and "linear_probe" in (out / "metrics.json").read_text():
+    if current_result(out):
         return name, 0, 0.0  # done before: the study resumes where it stopped
+    if (out / "encoder.pt").exists() and (out / "metrics.json").exists():
+        return rescore(name, args)  # trained before, scored with an older probe
     sets = [f"data.source='ptbxl'", f"data.path='{Path(args.data).resolve()}'", f"train.max_steps={args.steps}",
             "train.max_minutes=0.0", "train.num_threads=1", f"train.precision='{args.precision}'",
             f"run.seed={args.seed}", *PROTOCOL, *overrides]
     cmd = [sys.executable, "-m", "ssl4ecg", "run", str(REPO / "recipes" / "jepa_small.toml"), "--out", str(out)]
     for item in sets:
         cmd += ["--set", item]
-    log = Path(args.out) / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as handle:
-        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return name, code, time.time() - start
+    return _call(name, cmd, args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptbxl-mini"))
-    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per configuration")
-    parser.add_argument("--precision", default="fp32", help="fp32 keeps the study bit-reproducible")
+    parser.add_argument("--steps", type=int, default=400, help="optimiser steps per configuration")
+    parser.add_argument("--precision", default="auto",
+                        help="auto: bf16 autocast where the CPU has bf16 units, as jepa_small runs; "
+                             "deterministic on one machine (fp32 for bit-equality across machines)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated configuration names")
@@ -72,7 +120,7 @@ def main() -> None:
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         for name, code, seconds in pool.map(lambda n: run_one(n, CONFIGS[n], args), names):
             print(f"{'ok    ' if code == 0 else 'FAILED'} {name} ({seconds / 60:.1f} min)", flush=True)
-    runs = [str(Path(args.out) / n) for n in CONFIGS if (Path(args.out) / n / "metrics.json").exists()]
+    runs = [str(result_dir(n, args)) for n in CONFIGS if current_result(result_dir(n, args))]
     out = Path(args.out)
     for fmt in ("md", "csv", "json"):
         extra = ["--plots", str(out / "plots")] if fmt == "md" else []

@@ -46,6 +46,13 @@ def evaluate_saved_encoder(encoder_path: Path, recipe_path: Path, overrides: lis
     source_metrics = Path(encoder_path) / "metrics.json"
     if source_metrics.is_file():  # a run directory: carry its pretraining summary along
         pretrain = dict(json.loads(source_metrics.read_text()).get("pretrain", {}))
+    source_recipe = Path(encoder_path) / "recipe.toml"
+    if source_recipe.is_file() and "method" not in pretrain:  # the run's objective, for tables
+        import tomllib
+
+        objective = tomllib.loads(source_recipe.read_text()).get("objective", {}) or {}
+        if objective.get("name"):
+            pretrain["method"] = str(objective["name"])
     pretrain.update(encoder=str(encoder_path), note="evaluated from a saved encoder")
     metrics: dict[str, Any] = {"pretrain": pretrain, "eval": {}}
     metrics_path = out / "metrics.json"

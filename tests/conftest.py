@@ -42,3 +42,17 @@ def _few_threads():
     """Tests run on 2-core machines next to each other: keep torch to one thread."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state (torch seeds itself randomly per process,
+    so a model built without a seed would otherwise differ from run to run)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield

@@ -84,6 +84,11 @@ def test_eval_saved_encoder_reproduces_the_run(two_runs, tmp_path):
     again = json.loads((out / "metrics.json").read_text())["eval"]["linear_probe"]
     original = json.loads((two_runs[0] / "metrics.json").read_text())["eval"]["linear_probe"]
     assert again["auc_macro"] == pytest.approx(original["auc_macro"], abs=1e-6)  # deterministic evaluation
+    pretrain = json.loads((out / "metrics.json").read_text())["pretrain"]
+    assert pretrain["steps"] == 6 and pretrain["method"] == "jepa"  # carried from the run
+    table = tmp_path / "t.json"
+    assert runner.invoke(app, ["compare", str(out), "--format", "json", "--out", str(table)]).exit_code == 0
+    assert json.loads(table.read_text())["rows"][0]["method"] == "jepa"
 
 
 def test_plugins_lists_components_by_kind():

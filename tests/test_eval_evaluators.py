@@ -234,12 +234,12 @@ def test_finetune_leaves_encoder_untouched_and_chooses_on_val():
     rec = _signal_records(n=160, t_len=100)
     enc = TinyConv(rec.spec)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    ev = Finetune(epochs=3, base_lr=0.05, batch_size=16, bootstrap=0)
+    ev = Finetune(epochs=6, base_lr=0.05, batch_size=16, bootstrap=0)
     out = ev.evaluate(enc, rec, ctx())
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
     assert out["epoch"] == int(np.argmax(out["val_auc_history"])) + 1
     assert out["lr"] == pytest.approx(0.05 * 16 / 256)
-    assert out["auc_macro"] > 0.7
+    assert out["auc_macro"] > 0.75  # 0.82-1.0 over encoder seeds 0-3
     assert ev.evaluate(enc, rec, ctx()) == out
 
 

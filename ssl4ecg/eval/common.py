@@ -117,19 +117,29 @@ def derive_seed(seed: int, *parts: Any) -> int:
 
 
 class BestOnValidation:
-    """Remembers a module's weights at the epoch with the best (finite) validation score."""
+    """Remembers a module's weights at the epoch with the best (finite) validation score.
 
-    def __init__(self) -> None:
+    ``offload=True`` keeps the copy on the CPU (a fine-tuned encoder on a GPU), and
+    :attr:`since_best` counts the epochs since the last improvement (for early stopping).
+    """
+
+    def __init__(self, offload: bool = False) -> None:
         self.score = -math.inf
         self.epoch = 0
         self.state: dict | None = None
+        self.offload = offload
+        self.since_best = 0
 
     def update(self, score: float, epoch: int, module) -> bool:
         """Keep a copy of ``module``'s weights if ``score`` beats the best so far."""
         if not (np.isfinite(score) and score > self.score):
+            self.since_best += 1
             return False
-        self.score, self.epoch = float(score), int(epoch)
-        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.score, self.epoch, self.since_best = float(score), int(epoch), 0
+        if self.offload:
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        else:
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return True
 
     def best_state(self) -> dict:

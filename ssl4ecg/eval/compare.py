@@ -149,7 +149,7 @@ def build_table(run_dirs: Iterable[Path]) -> Table:
         steps = pre.get("steps")
         rows.append(Row(
             run=str((recipe.get("run", {}) or {}).get("name") or run_dir.name),
-            method=str((recipe.get("objective", {}) or {}).get("name", "")),
+            method=str((recipe.get("objective", {}) or {}).get("name") or pre.get("method") or ""),
             encoder=str((recipe.get("encoder", {}) or {}).get("name", "")),
             data=source,
             steps=int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch.nn import functional as F
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.train.optim import cosine_lr
 from ssl4ecg.eval.common import (
+    BestOnValidation,
     check_float,
     check_positive_int,
     prepare_task,
@@ -206,8 +206,8 @@ class Finetune(Evaluator):
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(self._param_groups(model), lr=self.lr)
             gen = torch.Generator().manual_seed(context.seed)
-            best_auc, best_epoch, best_state, history = -math.inf, 0, None, []
-            step, since_best = 0, 0
+            best, history = BestOnValidation(offload=True), []
+            step = 0
             train_losses = []
             for epoch in range(self.epochs):
                 model.train()
@@ -238,26 +238,17 @@ class Finetune(Evaluator):
                 val_scores = self._predict(model, records, task.index["val"], rows, leads, context)
                 val_auc = auc_macro(task.targets["val"], val_scores)
                 history.append(float(val_auc))
-                if np.isfinite(val_auc) and val_auc > best_auc:
-                    best_auc, best_epoch, since_best = float(val_auc), epoch + 1, 0
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    since_best += 1
-                    if self.patience and since_best >= self.patience:
-                        break
-            if best_state is None:
-                raise ConfigError(
-                    "the val split has no class with both positive and negative records, so no "
-                    "epoch can be chosen; use a larger or stratified val split."
-                )
-            model.load_state_dict(best_state)
+                if not best.update(val_auc, epoch + 1, model) and self.patience \
+                        and best.since_best >= self.patience:
+                    break
+            model.load_state_dict(best.best_state())
             test_scores = self._predict(model, records, task.index["test"], rows, leads, context)
         out = score_classification(
             task.targets["test"], test_scores, task.class_names, multi_label=self.multi_label,
             threshold=self.threshold, n_resamples=self.bootstrap, seed=context.seed, alpha=self.alpha,
         )
         out.update(
-            val_auc_macro=best_auc, epoch=best_epoch, epochs_run=len(history), lr=self.lr,
+            val_auc_macro=best.score, epoch=best.epoch, epochs_run=len(history), lr=self.lr,
             val_auc_history=history, train_loss_history=train_losses, n_train=n_train,
             headline=["auc_macro", "f1_macro"],
             protocol={**self.protocol(), **task.protocol()},
