@@ -24,13 +24,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from rescore import is_current, rescore  # noqa: E402
 
 #: name -> overrides of recipes/jepa_small.toml (each one lever against the "base" row)
 CONFIGS: dict[str, list[str]] = {
     "base": [],
     "teacher_representation": ["objective.evaluate='teacher'"],
+    "target_norm_batch": ["objective.target_norm='layer_batch'"],
     "paper_ema": ["objective.ema_start=0.996", "objective.ema_end=1.0"],
     "lr_2.5e-4": ["train.lr=2.5e-4"],
+    "paper_ema_lr_1e-3": ["objective.ema_start=0.996", "objective.ema_end=1.0", "train.lr=1e-3"],
+    "ema_0.998": ["objective.ema_start=0.998", "objective.ema_end=1.0"],
+    "paper_ema_target_norm_batch": ["objective.ema_start=0.996", "objective.ema_end=1.0",
+                                    "objective.target_norm='layer_batch'"],
+    "target_norm_batch_lr_1e-3": ["objective.target_norm='layer_batch'", "train.lr=1e-3"],
     "random_masks": ["masker.name='random'"],
     "native_100hz_patch25": ["data.sampling_rate=100.0", "encoder.patch_size=25"],
     "mean_pooling": ["encoder.pool='mean'"],
@@ -46,31 +55,11 @@ CONFIGS: dict[str, list[str]] = {
 PROTOCOL = ["eval.0.name='linear_probe'"]
 
 
-def current_result(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a linear-probe result of the current protocol (default solver)."""
-    import json
-
-    from ssl4ecg.eval.linear_probe import LinearProbe
-
-    path = run_dir / "metrics.json"
-    if not path.exists():
-        return False
-    probe = json.loads(path.read_text()).get("eval", {}).get("linear_probe", {})
-    return probe.get("protocol", {}).get("solver") == LinearProbe().solver
-
-
-def rescore(name: str, args) -> tuple[str, int, float]:
+def rescore_one(name: str, args) -> tuple[str, int, float]:
     """Score the saved encoder of a run made under an older probe protocol."""
-    from ssl4ecg.eval.linear_probe import LinearProbe
-
-    run_dir, out = Path(args.out) / name, Path(args.out) / "rescored" / name
-    if current_result(out):
-        return name, 0, 0.0
-    cmd = [sys.executable, "-m", "ssl4ecg", "eval", str(run_dir), "--recipe", str(run_dir / "recipe.toml"),
-           "--out", str(out)]
-    for item in (*PROTOCOL, f"eval.0.solver='{LinearProbe().solver}'"):  # the run's entry, current solver
-        cmd += ["--set", item]
-    return _call(name, cmd, args)
+    start = time.time()
+    code = rescore(Path(args.out) / name, Path(args.out) / "rescored" / name, Path(args.out) / "logs" / f"{name}.log")
+    return name, code, time.time() - start
 
 
 def _call(name: str, cmd: list[str], args) -> tuple[str, int, float]:
@@ -86,15 +75,15 @@ def _call(name: str, cmd: list[str], args) -> tuple[str, int, float]:
 def result_dir(name: str, args) -> Path:
     """Where the current result of configuration ``name`` lives (its run, or its re-scoring)."""
     run_dir = Path(args.out) / name
-    return run_dir if current_result(run_dir) else Path(args.out) / "rescored" / name
+    return run_dir if is_current(run_dir) else Path(args.out) / "rescored" / name
 
 
 def run_one(name: str, overrides: list[str], args) -> tuple[str, int, float]:
     out = Path(args.out) / name
-    if current_result(out):
+    if is_current(out):
         return name, 0, 0.0  # done before: the study resumes where it stopped
     if (out / "encoder.pt").exists() and (out / "metrics.json").exists():
-        return rescore(name, args)  # trained before, scored with an older probe
+        return rescore_one(name, args)  # trained before, scored with an older probe
     sets = [f"data.source='ptbxl'", f"data.path='{Path(args.data).resolve()}'", f"train.max_steps={args.steps}",
             "train.max_minutes=0.0", "train.num_threads=1", f"train.precision='{args.precision}'",
             f"run.seed={args.seed}", *PROTOCOL, *overrides]
@@ -120,7 +109,7 @@ def main() -> None:
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         for name, code, seconds in pool.map(lambda n: run_one(n, CONFIGS[n], args), names):
             print(f"{'ok    ' if code == 0 else 'FAILED'} {name} ({seconds / 60:.1f} min)", flush=True)
-    runs = [str(result_dir(n, args)) for n in CONFIGS if current_result(result_dir(n, args))]
+    runs = [str(result_dir(n, args)) for n in CONFIGS if is_current(result_dir(n, args))]
     out = Path(args.out)
     for fmt in ("md", "csv", "json"):
         extra = ["--plots", str(out / "plots")] if fmt == "md" else []

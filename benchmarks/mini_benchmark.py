@@ -8,7 +8,9 @@ then ``ssl4ecg compare`` writes the head-to-head table (Markdown, CSV, JSON) and
     python benchmarks/mini_benchmark.py --data ../shared/data/ptbxl-mini --minutes 5 --jobs 2
 
 Every number comes from the framework's own ``ssl4ecg run`` / ``ssl4ecg compare``; the
-resolved recipe of each run is in its run directory.
+resolved recipe of each run is in its run directory. A run scored under an older linear-probe
+protocol is not retrained: its saved encoder is re-scored into ``<out>/rescored/<run>``
+(``benchmarks/rescore.py``), and the table uses that.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from rescore import is_current, rescore  # noqa: E402
 from ssl4ecg.recipe import load_recipe  # noqa: E402
 
 #: (row name, recipe) -- each method's small CPU recipe
@@ -37,8 +41,8 @@ METHODS = [
 
 #: the one evaluation protocol every row is scored with
 EVALS = [
-    {"name": "linear_probe", "id": "linear", "lr_grid": [5e-4, 2e-3, 1e-2]},
-    {"name": "low_shot", "id": "low_shot", "fractions": [0.01, 0.1], "trials": 3, "lr_grid": [5e-4, 2e-3, 1e-2]},
+    {"name": "linear_probe", "id": "linear"},
+    {"name": "low_shot", "id": "low_shot", "fractions": [0.01, 0.1], "trials": 3},
     {"name": "knn", "id": "knn"},
     {"name": "clustering", "id": "clustering"},
 ]
@@ -83,12 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     chosen = [m for m in METHODS if m[0] in args.methods.split(",")]
-    jobs = []
+    jobs, stale = [], []
     for name, recipe in chosen:
         for random_init in (False, True):
             tag = f"{name}_{'random' if random_init else 'pretrained'}"
             run_dir = out / tag
             if (run_dir / "metrics.json").exists() and "linear" in (run_dir / "metrics.json").read_text():
+                if not is_current(run_dir) and (run_dir / "encoder.pt").exists():
+                    stale.append(run_dir)  # trained before, scored with an older probe
                 continue  # finished before: the benchmark is resumable
             jobs.append((write_recipe(recipe, out / "recipes" / tag, args.data, args.minutes, random_init,
                                       EVALS, 1), run_dir, out / "logs" / f"{tag}.log"))
@@ -108,7 +114,11 @@ def main() -> None:
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         for run_dir, code, seconds in pool.map(lambda j: run(*j), jobs):
             print(f"{'ok ' if code == 0 else 'FAILED'} {run_dir.name} ({seconds / 60:.1f} min)", flush=True)
+        rescored = lambda d: (d, rescore(d, out / "rescored" / d.name, out / "logs" / f"{d.name}.rescore.log"))
+        for run_dir, code in pool.map(rescored, stale):
+            print(f"{'ok ' if code == 0 else 'FAILED'} re-scored {run_dir.name}", flush=True)
     runs = sorted(p.parent for p in out.glob("*/metrics.json"))
+    runs = [out / "rescored" / r.name if r in stale else r for r in runs]
     for fmt in ("md", "csv", "json"):
         subprocess.check_call([sys.executable, "-m", "ssl4ecg", "compare", *map(str, runs), "--format", fmt,
                                "--out", str(out / f"table.{fmt}")] + (["--plots", str(out / "plots")] if fmt == "md" else []),

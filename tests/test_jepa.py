@@ -454,3 +454,42 @@ def test_across_record_std_matches_torch_std():
     assert across_record_std(tokens) == pytest.approx(tokens.std(dim=0).mean().item(), rel=1e-5)
     same = torch.randn(1, 7, 3).expand(4, 7, 3)
     assert across_record_std(same) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_batch_standardized_targets_drop_what_all_records_share():
+    from ssl4ecg_jepa.objective import batch_standardized
+
+    shared = torch.randn(1, 6, 5)  # the position-only part
+    specific = torch.randn(8, 6, 5)
+    out = batch_standardized(shared + 0.01 * specific)
+    torch.testing.assert_close(out.mean(dim=0), torch.zeros(6, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(dim=0), torch.ones(6, 5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out, batch_standardized(specific), atol=1e-3, rtol=0)
+
+
+def test_target_norm_layer_batch_trains_on_record_specific_targets():
+    with pytest.raises(ConfigError, match="target_norm"):
+        small_objective(target_norm="batch")
+    torch.manual_seed(0)
+    paper, batch_norm = small_objective(), small_objective(target_norm="layer_batch")
+    batch_norm.load_state_dict(paper.state_dict())
+    step = StepInfo(step=0, total_steps=10, epoch=0, generator=torch.Generator().manual_seed(1))
+    a = paper.loss(make_batch(6), step)
+    b = batch_norm.loss(make_batch(6), StepInfo(step=0, total_steps=10, epoch=0,
+                                                generator=torch.Generator().manual_seed(1)))
+    assert a.logs["target_std"] == pytest.approx(b.logs["target_std"])  # logged on layer-normed targets
+    assert not torch.isclose(a.loss, b.loss)
+    with pytest.raises(ConfigError, match="at least 2 records"):
+        batch_norm.loss(make_batch(1), step)
+    # and it learns: 30 steps on one batch lower the loss
+    optimiser = torch.optim.AdamW([p for p in batch_norm.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for i in range(30):
+        info = StepInfo(step=i, total_steps=30, epoch=0, generator=torch.Generator().manual_seed(7))
+        out = batch_norm.loss(make_batch(8, seed=1), info)
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+        batch_norm.after_step(info)
+        losses.append(out.loss.item())
+    assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses  # 0.398 -> 0.377

@@ -27,6 +27,7 @@ from ssl4ecg_jepa.masking import MultiBlockSlotMasker
 from ssl4ecg_jepa.predictor import JEPAPredictor
 
 EVALUATE_CHOICES = ("student", "teacher")
+TARGET_NORMS = ("layer", "layer_batch")
 
 
 def gather_slots(grid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,18 @@ def gather_slots(grid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def layer_normed(teacher_tokens: torch.Tensor) -> torch.Tensor:
     """The JEPA targets: teacher tokens layer-normed over channels, no affine, eps 1e-5 (float32)."""
     return F.layer_norm(teacher_tokens.float(), (teacher_tokens.shape[-1],))
+
+
+def batch_standardized(targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``targets`` ``[B, N, D]`` standardised across the batch at every (token, channel).
+
+    What is left is what differs between the records of the batch: a target that depends only on
+    the token's position (the "learns mostly position" failure of short runs) becomes zero, so
+    the student is trained on the record-specific part of the teacher's output only.
+    """
+    centred = targets - targets.mean(dim=0, keepdim=True)
+    std = (centred.square().sum(dim=0, keepdim=True) / max(1, targets.shape[0] - 1)).sqrt()
+    return centred / (std + eps)
 
 
 def masked_latent_loss(
@@ -84,7 +97,9 @@ class JEPAObjective(Objective):
 
     Options: ``ema_start``/``ema_end`` (teacher momentum, linear over the run's
     ``total_steps``), ``predictor_dim``/``predictor_depth``/``predictor_heads``,
-    ``smooth_l1_beta`` and ``evaluate`` ("student" = the context encoder, as the released
+    ``smooth_l1_beta``, ``target_norm`` ("layer" = the paper's layer-normed teacher tokens;
+    "layer_batch" = those then standardised across the batch at every token and channel,
+    :func:`batch_standardized`) and ``evaluate`` ("student" = the context encoder, as the released
     checkpoints; "teacher" = the EMA encoder) choosing what evaluators score. The encoder must
     be a ``cropa_vit`` (any encoder with ``context_tokens`` and ``n_slots``); the masker
     must mask whole time slots (``multiblock`` when none is given).
@@ -100,6 +115,7 @@ class JEPAObjective(Objective):
         predictor_depth: int = 6,
         predictor_heads: int = 12,
         smooth_l1_beta: float = 1.0,
+        target_norm: str = "layer",
         evaluate: str = "student",
     ) -> None:
         super().__init__()
@@ -125,6 +141,11 @@ class JEPAObjective(Objective):
             )
         if smooth_l1_beta < 0:
             raise ConfigError(f"[objective] smooth_l1_beta must be >= 0, got {smooth_l1_beta}.")
+        if target_norm not in TARGET_NORMS:
+            raise ConfigError(
+                f"[objective] target_norm must be one of {', '.join(TARGET_NORMS)}, got {target_norm!r}."
+            )
+        self.target_norm = target_norm
         self.encoder = encoder
         self.masker = masker if masker is not None else MultiBlockSlotMasker()
         self.ema_start = ema_start
@@ -165,7 +186,12 @@ class JEPAObjective(Objective):
             teacher_tokens = self.teacher.tokens(x, leads)
         context = self.encoder.context_tokens(x, visible, leads)
         predictions = self.predictor(context, visible, masked, n_leads=len(leads))
-        targets = layer_normed(teacher_tokens)
+        normed = layer_normed(teacher_tokens)
+        targets = normed
+        if self.target_norm == "layer_batch":
+            if x.shape[0] < 2:
+                raise ConfigError("[objective] target_norm = 'layer_batch' needs batches of at least 2 records.")
+            targets = batch_standardized(normed)
         loss = masked_latent_loss(predictions, targets, masked, beta=self.smooth_l1_beta)
 
         with torch.no_grad():
@@ -174,7 +200,7 @@ class JEPAObjective(Objective):
                 "ema_momentum": self.momentum(step),
             }
             if x.shape[0] > 1:  # spread across records at a fixed position: the collapse signal
-                logs["target_std"] = across_record_std(targets)
+                logs["target_std"] = across_record_std(normed)
             if self.evaluate == "teacher":
                 representation = teacher_tokens.mean(dim=1)
             else:
