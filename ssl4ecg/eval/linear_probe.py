@@ -209,7 +209,7 @@ def _lbfgs_fit(x: torch.Tensor, y: torch.Tensor, multi_label: bool, n_classes: i
         return loss
 
     opt.step(closure)
-    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
+    iterations = int(opt.state[weight].get("n_iter", 0))
     return weight.detach(), bias.detach(), iterations
 
 
