@@ -14,8 +14,11 @@ samples/s paper, 19 samples/s small, on this 2-core machine), model FLOPs per sa
 (forward + backward of student and predictor, forward of the teacher; linear layers and
 attention counted by ``torch.utils.flop_counter.FlopCounterMode``, CroPA attention
 counted as the keys it actually uses, i.e. the factorised path's products), the
-fp32/bf16 GEMM rate measured in every round at the model's Linear shapes, utilisation =
-FLOPs/sample x samples/s / GEMM rate of the same round, and peak memory (on CPU the peak
+fp32/bf16 GEMM rate at the model's Linear shapes measured just before and just after each
+variant's steps in every round, utilisation = FLOPs/sample x samples/s / that GEMM rate,
+where the step's time goes (one profiled step per variant: the matmuls' share of the step,
+their achieved rate against the probe, the utilisation ceiling if nothing but the matmuls took
+time, and the largest other ops), and peak memory (on CPU the peak
 RSS of a fresh process doing two steps, with its RSS before the steps;
 ``torch.cuda.max_memory_allocated`` on CUDA). Samples per
 CPU-second (process CPU time) are printed too: with one thread they are far less
@@ -221,6 +224,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ---------------------------------------------------------------------------- where the time goes
+#: the matrix multiplies of a step (the ops a GEMM probe measures); everything else is "other"
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _matmul_flops(name: str, shapes: list) -> int:
+    """FLOPs of one matmul call from its recorded input shapes (0 when they are missing)."""
+    try:
+        if name in ("aten::addmm", "aten::baddbmm"):
+            shapes = shapes[1:]
+        a, b = shapes[0], shapes[1]
+        if name in ("aten::bmm", "aten::baddbmm"):
+            return 2 * a[0] * a[1] * a[2] * b[2]
+        return 2 * a[0] * a[1] * b[1]
+    except (IndexError, TypeError):
+        return 0
+
+
+def step_breakdown(run: Callable[[], float], top: int = 6) -> dict[str, Any]:
+    """Profile one step of ``run``: the matmuls' share of the step and their achieved rate.
+
+    Returns the step's wall time under the profiler, the matmuls' time and FLOPs (from the
+    recorded shapes), and the ``top`` other ops by time. Op times are the calling thread's
+    wall time per op (the profiler's self time; intra-op threads work inside it), so shares
+    add up to about the step. The profiler itself adds a few per cent.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    wall = time.perf_counter() - start
+    matmul_seconds, matmul_flops, other = 0.0, 0, {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in MATMUL_OPS:
+            matmul_seconds += seconds
+            matmul_flops += _matmul_flops(event.key, event.input_shapes) * event.count
+        elif seconds > 0:
+            other[event.key] = other.get(event.key, 0.0) + seconds
+    largest = sorted(other.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_s": wall, "matmul_s": matmul_seconds, "matmul_flops": matmul_flops,
+            "matmul_share": matmul_seconds / wall, "other_top": {k: v / wall for k, v in largest}}
+
+
 # ---------------------------------------------------------------------------- memory
 def peak_memory_mb(workload: str, precision: str, device: torch.device, threads: int) -> dict | None:
     """Peak memory of two training steps.
@@ -274,6 +322,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's aggregate CPU time counters (Linux ``/proc/stat``), or None elsewhere."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stolen_share(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two :func:`cpu_times`.
+
+    On a shared virtual machine this is the noise floor of every timing here: at 25 % steal
+    a step takes a third longer than on the same vCPUs alone.
+    """
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    delta = [b - a for a, b in zip(start, end)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return delta[7] / total if total > 0 else None
+
+
 def _build(workload: str, device: torch.device) -> Workload:
     method, config = workload.split("-", 1)
     return jepa_workload(config, device) if method == "jepa" else recipe_workload(method, device)
@@ -286,21 +355,22 @@ def _with_backend(backend: str, fn: Callable, *args: Any) -> Any:
 
 
 def time_steps(work: Workload, variants: dict[str, Callable[[], float]], steps: int, repeats: int,
-               device: torch.device, probes: dict[str, Callable[[], float]]) -> tuple[dict, dict]:
-    """Seconds per step of each variant and GEMM rates, ``repeats`` rounds with everything interleaved.
+               device: torch.device, probes: dict[str, Callable[[], float]]) -> tuple[dict, dict, dict]:
+    """Seconds per step of each variant and the GEMM rates around it, ``repeats`` interleaved rounds.
 
-    Every round runs each GEMM probe once and then each variant for ``steps`` steps, so the
-    ratios of one round (utilisation, bf16 vs fp32) are measured under the same load.
+    The GEMM probes run before the first variant of a round and after every variant; a
+    variant's rate is the mean of the probes just before and just after its steps. On a
+    shared machine whose speed drifts within seconds, that pairs every step time with the
+    matrix-multiply rate of the same moment (``rates[probe][variant]``, one value per round).
     """
     for run in variants.values():  # warm-up (and compile) each variant
         run()
         run()
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in variants}
-    rates: dict[str, list[float]] = {name: [] for name in probes}
+    rates: dict[str, dict[str, list[float]]] = {p: {name: [] for name in variants} for p in probes}
     for _ in range(repeats):
-        for name, probe in probes.items():
-            rates[name].append(probe())
+        before = {p: probe() for p, probe in probes.items()}
         for name, run in variants.items():
             work.generator.manual_seed(1)  # same masks for every variant
             _sync(device)
@@ -310,6 +380,10 @@ def time_steps(work: Workload, variants: dict[str, Callable[[], float]], steps: 
             _sync(device)
             seconds[name].append((time.perf_counter() - start) / steps)
             cpu_seconds[name].append((time.process_time() - cpu_start) / steps)
+            after = {p: probe() for p, probe in probes.items()}
+            for p in probes:
+                rates[p][name].append((before[p] + after[p]) / 2)
+            before = after
     return seconds, cpu_seconds, rates
 
 
@@ -338,7 +412,9 @@ def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> 
     seconds, cpu_seconds, rates = time_steps(work, variants, args.steps, args.repeats, device, probes)
     result: dict[str, Any] = {
         "workload": workload, "batch": n, "flops_per_sample": flops, "gemm_shapes": shapes,
-        "gemm_rate": {k: statistics.median(v) for k, v in rates.items()}, "gemm_rate_rounds": rates,
+        "gemm_rate": {p: statistics.median(r for rounds in per_variant.values() for r in rounds)
+                      for p, per_variant in rates.items()},
+        "gemm_rate_rounds": rates,
         "seconds_per_step_rounds": seconds, "cpu_seconds_per_step_rounds": cpu_seconds, "variants": {},
     }
     config = workload.split("-", 1)[1]
@@ -350,19 +426,30 @@ def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> 
             "samples_per_s_median": statistics.median(per_s), "samples_per_s_best": max(per_s),
             # samples per CPU-second of this process (all threads): robust to other jobs at 1 thread
             "samples_per_cpu_s_median": statistics.median(n / c for c in cpu_seconds[name]),
-            # per round: achieved FLOP/s over the GEMM rate measured in the same round
+            # per round: achieved FLOP/s over the GEMM rate measured around the variant's steps
             "utilisation_vs_fp32_gemm": statistics.median(
-                flops * r / g for r, g in zip(per_s, rates["fp32"])),
+                flops * r / g for r, g in zip(per_s, rates["fp32"][name])),
             "peak_memory_mb": None if args.no_memory or name != base
             else peak_memory_mb(workload, base, device, args.threads),
         }
         if base in rates and base != "fp32":
             entry[f"utilisation_vs_{base}_gemm"] = statistics.median(
-                flops * r / g for r, g in zip(per_s, rates[base]))
+                flops * r / g for r, g in zip(per_s, rates[base][name]))
         if reference:
             entry["vs_reference"] = entry["samples_per_s_median"] / reference
             entry["best_vs_reference"] = entry["samples_per_s_best"] / reference
         result["variants"][name] = entry
+    if not args.no_breakdown:
+        for name, run in variants.items():
+            work.generator.manual_seed(1)
+            base = name.split("+")[0].split("-")[0]
+            parts = step_breakdown(run)
+            if not name.endswith("-plain"):  # (the plain path's attention is SDPA, not matmuls)
+                # the utilisation this step would reach if everything but its matmuls took no time
+                parts["ceiling_vs_fp32_gemm"] = flops * n / parts["matmul_s"] / result["gemm_rate"]["fp32"]
+            parts["matmul_rate_vs_own_gemm"] = (parts["matmul_flops"] / parts["matmul_s"]
+                                                / result["gemm_rate"].get(base, result["gemm_rate"]["fp32"]))
+            result["variants"][name]["breakdown"] = parts
     for baseline in ("fp32", "fp32-plain"):
         if baseline in seconds:
             for name in seconds:
@@ -400,6 +487,17 @@ def report(result: dict[str, Any], reference: float | None) -> str:
         else:
             row += f" {mem['peak']:19.0f}" + (f" ({mem['before']:.0f})" if mem["before"] is not None else "")
         lines.append(row)
+    broken_down = {name: e["breakdown"] for name, e in result["variants"].items() if "breakdown" in e}
+    if broken_down:
+        lines.append("where a step's time goes (one profiled step per variant):")
+        lines.append(f"{'variant':14s} {'matmul share':>12s} {'matmul GFLOP/s':>14s} {'x own GEMM rate':>15s} "
+                     f"{'ceiling util fp32':>17s}  largest other ops (share of the step)")
+        for name, parts in broken_down.items():
+            others = ", ".join(f"{k.replace('aten::', '')} {v:.0%}" for k, v in parts["other_top"].items())
+            lines.append(f"{name:14s} {parts['matmul_share']:12.1%} {parts['matmul_flops'] / parts['matmul_s'] / 1e9:14.1f} "
+                         f"{parts['matmul_rate_vs_own_gemm']:15.1%} "
+                         + (f"{parts['ceiling_vs_fp32_gemm']:17.1%}" if "ceiling_vs_fp32_gemm" in parts else f"{'-':>17s}")
+                         + f"  {others}")
     if reference:
         best = max(result["variants"].values(), key=lambda e: e["samples_per_s_median"])
         verdict = "MET" if best["vs_reference"] >= TARGET_SPEEDUP else "NOT met"
@@ -431,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the plain-fp32 (dense CroPA mask) JEPA variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the profiled step per variant (matmul share and rate, largest other ops)")
     parser.add_argument("--json", type=Path, help="write all numbers here")
     parser.add_argument("--_memory-probe", nargs=2, metavar=("WORKLOAD", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -450,11 +550,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     results = []
     for workload in workloads:
+        counters = cpu_times()
         result = benchmark(workload, args, device)
         result["load_after"] = os.getloadavg()[0]
+        result["cpu_time_stolen"] = stolen_share(counters, cpu_times())
         results.append(result)
         reference = REFERENCE_SAMPLES_PER_S.get(workload.split("-", 1)[1]) if workload.startswith("jepa") else None
-        print(report(result, reference) + f"\n(load {result['load_after']:.2f})", flush=True)
+        stolen = result["cpu_time_stolen"]
+        print(report(result, reference) + f"\n(load {result['load_after']:.2f}"
+              + (f", CPU time stolen by the hypervisor {stolen:.0%}" if stolen is not None else "") + ")", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "results": results}, indent=1, default=str))
     return 0
