@@ -41,7 +41,7 @@ def test_step_breakdown_counts_the_matmuls_of_a_step():
         z = torch.bmm(a, c)  # bmm: 2 * 4 * 8 * 16 * 8
         return float(torch.relu(y).sum() + z.sum())
 
-    parts = tt.step_breakdown(step)
+    parts = tt.step_breakdown(step, top=100)
     assert parts["matmul_flops"] == 2 * 64 * 32 * 48 + 2 * 4 * 8 * 16 * 8
     assert 0.0 < parts["matmul_share"] <= 1.0
     assert parts["matmul_s"] <= parts["wall_s"]
