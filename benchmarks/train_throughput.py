@@ -387,6 +387,11 @@ def time_steps(work: Workload, variants: dict[str, Callable[[], float]], steps: 
     return seconds, cpu_seconds, rates
 
 
+def variant_precision(name: str) -> str:
+    """The precision a variant runs in: ``"fp32-plain"`` and ``"bf16+compile"`` -> ``"fp32"``, ``"bf16"``."""
+    return name.split("+")[0].split("-")[0]
+
+
 def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """All numbers for one workload."""
     work = _build(workload, device)
@@ -421,7 +426,7 @@ def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> 
     reference = REFERENCE_SAMPLES_PER_S.get(config) if workload.startswith("jepa") else None
     for name, values in seconds.items():
         per_s = [n / s for s in values]
-        base = name.split("+")[0].split("-")[0]
+        base = variant_precision(name)
         entry = {
             "samples_per_s_median": statistics.median(per_s), "samples_per_s_best": max(per_s),
             # samples per CPU-second of this process (all threads): robust to other jobs at 1 thread
@@ -442,7 +447,7 @@ def benchmark(workload: str, args: argparse.Namespace, device: torch.device) -> 
     if not args.no_breakdown:
         for name, run in variants.items():
             work.generator.manual_seed(1)
-            base = name.split("+")[0].split("-")[0]
+            base = variant_precision(name)
             parts = step_breakdown(run)
             if not name.endswith("-plain"):  # (the plain path's attention is SDPA, not matmuls)
                 # the utilisation this step would reach if everything but its matmuls took no time
@@ -472,7 +477,7 @@ def report(result: dict[str, Any], reference: float | None) -> str:
               + (f" {'x ref':>6s} {'x ref best':>10s}" if reference else "") + f" {'peak RSS MB (before steps)':>26s}")
     lines.append(header)
     for name, e in result["variants"].items():
-        base = name.split("+")[0].split("-")[0]
+        base = variant_precision(name)
         own = e.get(f"utilisation_vs_{base}_gemm", e["utilisation_vs_fp32_gemm"])
         row = (f"{name:14s} {e['samples_per_s_median']:9.2f} {e['samples_per_s_best']:6.2f} "
                f"{e['samples_per_cpu_s_median']:7.2f} "

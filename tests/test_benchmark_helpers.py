@@ -46,3 +46,8 @@ def test_step_breakdown_counts_the_matmuls_of_a_step():
     assert 0.0 < parts["matmul_share"] <= 1.0
     assert parts["matmul_s"] <= parts["wall_s"]
     assert "aten::relu" in parts["other_top"] or "aten::clamp_min" in parts["other_top"]
+
+
+def test_variant_precision():
+    assert [tt.variant_precision(v) for v in ("fp32", "fp32-plain", "bf16+compile", "fp32+fusedadam")] == [
+        "fp32", "fp32", "bf16", "fp32"]
