@@ -15,10 +15,15 @@ passed where a boolean mask would go and every backend turns it into what it nee
   over the union of keys, so the result equals the dense masked attention (the
   ``400 x 400`` product is never formed). Scores and probabilities are kept in float32
   (or float64) whatever the input dtype, and the backward pass is written out;
-* ``"flex"`` -- :func:`torch.nn.attention.flex_attention` with a cached block mask built from
-  the rule (compiled on CUDA; on CPU it runs forward-only, unfused, and serves the tests).
-  Note that lead-major CroPA leaves no block of the mask empty (every key block holds every
-  slot), so FlexAttention saves the mask tensor, not attention FLOPs.
+* ``"flex"`` -- :func:`torch.nn.attention.flex_attention` with a block mask cached per
+  geometry, the token count padded to a 128-multiple bucket and a rule over index tensors,
+  so one compiled kernel serves every visible-slot count (about two compilations a run; see
+  the notes above :func:`flex_stats`). Compiled on CUDA; on CPU forward-only (eager unless
+  :data:`FLEX_COMPILE_ON_CPU`), for the tests. If flex fails in the forward or the backward
+  pass, CroPA warns once and uses the dense path for the rest of the process;
+  :func:`flex_stats` counts compilations and fallbacks. Lead-major CroPA leaves no block of
+  the mask empty (every key block holds every slot), so FlexAttention saves the mask
+  tensor, not attention FLOPs.
 
 ``"auto"`` picks flex on CUDA when available (dense if it fails), on CPU dense for short
 sequences and for forward-only bf16/fp16 calls below 600 tokens (the fused CPU flash
@@ -272,7 +277,54 @@ def _packed_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- flex
+# Compile once for all steps. Multi-block masking gives the student a different number of
+# visible slots every step, so the grid L x S_vis (and the token count) changes every step.
+# Three things keep the compiled flex_attention from recompiling per step:
+#
+# * the rule reads index tensors (lead-of-token, slot-of-token) instead of Python ints, and
+#   every block mask's rule is a closure of the one factory ``_cropa_rule`` (same code
+#   object), so a new geometry changes tensor *values*, never a guarded constant;
+# * the token count is padded to a bucket: a multiple of FlexAttention's 128-token block,
+#   at least two blocks (a one-block mask has size-1 dimensions, which dynamo specialises
+#   and compiles separately). Padded tokens get lead = slot = -1, so real queries never see
+#   padded keys (and padded queries, whose rows are discarded, see only padded keys, so no
+#   row is empty). On CUDA this costs no attention work for N > 128: the kernels run whole
+#   128-token blocks anyway;
+# * block masks are cached per (leads, slots, bucket, device).
+#
+# The 8 x 10..40 grids then take two bucket shapes (256, 384); dynamo compiles the first
+# shape statically and the second as one dynamic-shape graph that serves every later
+# bucket, so a run compiles at most ~2 graphs per (grad mode, dtype), far below dynamo's
+# recompile limit (8), past which it would silently run flex eagerly (materialised scores).
+# Even where a torch version guards the shapes statically, compilations stay at one per
+# bucket. flex_stats() reports what happened.
+
 _FLEX_FAILED = False
+#: compile flex on CPU too (forward only: CPU FlexAttention has no backward); tests set it
+FLEX_COMPILE_ON_CPU = False
+#: token counts are padded to a multiple of this (FlexAttention's default block size) ...
+FLEX_BLOCK = 128
+#: ... and to at least this many blocks
+FLEX_MIN_BLOCKS = 2
+_FLEX_STATS = {"compilations": 0, "fallbacks": 0, "failed": False, "last_error": None, "limit_warned": False}
+
+
+def flex_stats() -> dict:
+    """What the FlexAttention CroPA path did in this process (since :func:`reset_flex_stats`).
+
+    ``compilations``: graphs dynamo compiled for flex (forward graphs; at most ~2 expected);
+    ``fallbacks``: calls routed to flex that ran the dense masked path instead (the failing
+    call included); ``failed``: flex failed once and is off for the rest of the process;
+    ``last_error``: that failure, as ``"Type: message"``, else None.
+    """
+    return {key: _FLEX_STATS[key] for key in ("compilations", "fallbacks", "failed", "last_error")}
+
+
+def reset_flex_stats() -> None:
+    """Zero :func:`flex_stats` and clear a recorded failure (flex is tried again on the next call)."""
+    global _FLEX_FAILED
+    _FLEX_FAILED = False
+    _FLEX_STATS.update(compilations=0, fallbacks=0, failed=False, last_error=None, limit_warned=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -285,43 +337,166 @@ def flex_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(n_leads: int, n_slots: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_bucket(n_tokens: int) -> int:
+    """The padded token count flex runs ``n_tokens`` at: a multiple of 128, at least 256."""
+    return max(FLEX_MIN_BLOCKS, -(-n_tokens // FLEX_BLOCK)) * FLEX_BLOCK
+
+
+def _cropa_rule(lead: torch.Tensor, slot: torch.Tensor):
+    """The CroPA mask_mod over per-token index tensors (one code object for every geometry)."""
 
     def rule(b, h, q, k):  # noqa: ARG001 - flex mask_mod signature
-        return (q // n_slots == k // n_slots) | (q % n_slots == k % n_slots)
+        return (lead[q] == lead[k]) | (slot[q] == slot[k])
 
-    n_tokens = n_leads * n_slots
-    return create_block_mask(rule, None, None, n_tokens, n_tokens, device=device)
+    return rule
+
+
+@functools.lru_cache(maxsize=128)
+def _flex_block_mask(n_leads: int, n_slots: int, n_padded: int, device: str):
+    """The block mask of the ``n_leads x n_slots`` grid padded to ``n_padded`` tokens (cached)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    index = torch.arange(n_padded, device=device)
+    real = index < n_leads * n_slots
+    lead = torch.where(real, index // n_slots, -1)
+    slot = torch.where(real, index % n_slots, -1)
+    return create_block_mask(_cropa_rule(lead, slot), None, None, n_padded, n_padded, device=device,
+                             BLOCK_SIZE=FLEX_BLOCK)
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)  # shapes change with the visible count: automatic dynamic
+    return torch.compile(flex_attention)  # automatic dynamic: the second bucket shape compiles a dynamic graph
 
 
-def _flex_cropa(qkv: torch.Tensor, heads: int, grid: CroPAGrid) -> torch.Tensor:
-    """CroPA through FlexAttention (compiled on CUDA; eager, forward-only, elsewhere)."""
-    global _FLEX_FAILED
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, compiled: bool) -> torch.Tensor:
+    """flex_attention, compiled or eager, counting the graphs dynamo compiles for it."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    batch, n_tokens, width = qkv.shape
-    dim = width // 3
-    q, k, v = qkv.view(batch, n_tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    block_mask = _flex_block_mask(grid.n_leads, grid.n_slots, str(qkv.device))
-    if qkv.device.type == "cuda":
-        try:
-            out = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask)
-        except Exception as error:  # pragma: no cover - depends on the CUDA/Triton install
-            _FLEX_FAILED = True
-            warnings.warn(f"FlexAttention failed ({error}); CroPA falls back to the dense masked path",
-                          RuntimeWarning, stacklevel=3)
-            return packed_sdpa(qkv, heads, grid.dense_mask(qkv.device))
-    else:
+    if not compiled:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile"
-            out = flex_attention(q, k, v, block_mask=block_mask)
-    return out.transpose(1, 2).reshape(batch, n_tokens, dim)
+            return flex_attention(q, k, v, block_mask=block_mask)
+    before = _graphs_compiled()
+    try:
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    finally:
+        _FLEX_STATS["compilations"] += _graphs_compiled() - before
+        _warn_at_recompile_limit()
+
+
+def _warn_at_recompile_limit() -> None:
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
+    if _FLEX_STATS["compilations"] >= limit and not _FLEX_STATS["limit_warned"]:
+        _FLEX_STATS["limit_warned"] = True
+        warnings.warn(f"FlexAttention CroPA compiled {_FLEX_STATS['compilations']} graphs, dynamo's recompile "
+                      f"limit ({limit}); new shapes now run flex eagerly (slow). Report the grid sizes, or set "
+                      f"SSL4ECG_CROPA_BACKEND=dense", RuntimeWarning, stacklevel=4)
+
+
+def _flex_failure(error: BaseException, where: str) -> None:
+    """Record a flex failure: flex stays off for the process, and it is said once, loudly."""
+    global _FLEX_FAILED
+    _FLEX_STATS["fallbacks"] += 1
+    if _FLEX_FAILED:
+        return
+    _FLEX_FAILED = True
+    _FLEX_STATS["failed"] = True
+    _FLEX_STATS["last_error"] = f"{type(error).__name__}: {error}"
+    warnings.warn(f"FlexAttention CroPA failed in the {where} pass ({type(error).__name__}: {error}); "
+                  f"CroPA uses the dense masked path for the rest of this process", RuntimeWarning, stacklevel=2)
+
+
+class _GuardedFlex(torch.autograd.Function):
+    """flex_attention whose forward AND backward fall back to dense masked SDPA if flex fails.
+
+    Forward runs (compiled) flex on detached copies of ``q, k, v`` ``[B, H, Np, dh]`` under
+    grad mode and keeps that small graph; backward differentiates it, and if that raises
+    (e.g. a Triton backward kernel that does not fit), recomputes the real ``n`` tokens with
+    SDPA and the dense CroPA mask and differentiates that instead. The failure is sticky.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, grid, compiled):
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
+            out = _run_flex(*leaves, block_mask, compiled)
+        ctx.graph = (leaves, out)
+        ctx.grid = grid
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.graph is None:
+            raise RuntimeError("FlexAttention CroPA cannot run its backward twice (it frees its graph); "
+                               "use backend 'dense' or 'factorised' for retain_graph/double backward")
+        leaves, out = ctx.graph
+        ctx.graph = None  # frees flex's saved tensors now, not when the loss tensor dies
+        wanted = [x for x in leaves if x.requires_grad]
+        try:
+            if _FLEX_FAILED:
+                raise _AlreadyFailed
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        except Exception as error:  # depends on the CUDA/Triton install
+            _flex_failure(error, "backward")
+            n, mask = ctx.grid.n_tokens, ctx.grid.dense_mask(grad_out.device)
+            with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
+                dense = F.scaled_dot_product_attention(*(x[:, :, :n] for x in leaves), attn_mask=mask)
+                grads = iter(torch.autograd.grad(dense, wanted, grad_out[:, :, :n]))
+        return (*(next(grads) if x.requires_grad else None for x in leaves), None, None, None)
+
+
+class _AlreadyFailed(Exception):
+    """flex failed in an earlier call's backward: this one's backward goes dense directly."""
+
+
+def _flex_cropa(qkv: torch.Tensor, heads: int, grid: CroPAGrid, compiled: bool | None = None) -> torch.Tensor:
+    """CroPA through FlexAttention (compiled on CUDA, or on CPU with :data:`FLEX_COMPILE_ON_CPU`
+    or ``compiled=True``; eager otherwise).
+
+    Why it compiles about twice per run, not once per visible-slot count: the block mask's
+    rule reads lead/slot index tensors (no Python ints to guard on), the token count is
+    padded to a :func:`flex_bucket` of at least two 128-token blocks (few shapes, none with
+    size-1 block dims) and ``q, k, v`` are always contiguous, so dynamo sees only a few
+    shapes and covers them with one dynamic graph (the notes above :func:`flex_stats`).
+    Padded keys are invisible to real queries and padded query rows are dropped, so the
+    result is the dense path's. Any failure, forward or backward, switches to the dense
+    masked path for the rest of the process, with one ``RuntimeWarning``.
+    """
+    batch, n_tokens, width = qkv.shape
+    dim = width // 3
+    if _FLEX_FAILED:
+        _FLEX_STATS["fallbacks"] += 1
+        return packed_sdpa(qkv, heads, grid.dense_mask(qkv.device))
+    if compiled is None:
+        compiled = qkv.device.type == "cuda" or FLEX_COMPILE_ON_CPU
+    n_padded = flex_bucket(n_tokens)
+    # one zero-padded buffer, so q, k, v are contiguous [B, H, Np, dh] whatever N is (the
+    # compiled graph guards on strides; F.pad keeps the input's layout when it pads nothing)
+    padded = qkv.new_zeros(3, batch, heads, n_padded, dim // heads)
+    padded[:, :, :, :n_tokens].copy_(qkv.view(batch, n_tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4))
+    q, k, v = padded.unbind(0)
+    block_mask = _flex_block_mask(grid.n_leads, grid.n_slots, n_padded, str(qkv.device))
+    if torch.compiler.is_compiling():  # inside an outer torch.compile: it compiles flex with the rest
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q, k, v, block_mask=block_mask)
+    else:
+        try:
+            if torch.is_grad_enabled() and qkv.requires_grad:
+                out = _GuardedFlex.apply(q, k, v, block_mask, grid, compiled)
+            else:
+                out = _run_flex(q, k, v, block_mask, compiled)
+        except Exception as error:  # depends on the CUDA/Triton install
+            _flex_failure(error, "forward")
+            return packed_sdpa(qkv, heads, grid.dense_mask(qkv.device))
+    return out[:, :, :n_tokens].transpose(1, 2).reshape(batch, n_tokens, dim)
