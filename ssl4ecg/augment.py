@@ -3,9 +3,12 @@
 Each augmentation is a registered component of kind ``"augmentation"``; its recipe keys are
 its constructor arguments. Every one takes ``p``, the probability that it is applied to a
 given sample (drawn independently per sample), and a strength option. All randomness comes
-from the ``generator`` passed to ``__call__`` (the training loop's CPU generator), so a
-resumed run reproduces the same views. Random parameters are drawn for every sample even
-when ``p < 1`` (and then discarded), so the draws do not depend on which samples were hit.
+from the ``generator`` passed to ``__call__`` (objectives pass the loop's
+``StepInfo.device_generator``), so a resumed run reproduces the same views. Every number is
+drawn on the generator's own device (a CUDA generator draws on the GPU: no full-size noise is
+made on the CPU and copied) and moved to the batch's device only when the two differ. Random
+parameters are drawn for every sample even when ``p < 1`` (and then discarded), so the draws
+do not depend on which samples were hit.
 
 Amplitudes are in signal units; the framework's data are standardised per lead, so
 ``std = 0.05`` means 5 % of a lead's standard deviation.
@@ -49,12 +52,17 @@ def _check_range(low_key: str, low: float, high_key: str, high: float, lowest: f
         )
 
 
+def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``like``'s device (itself when it is there already)."""
+    return t if t.device == like.device else t.to(like.device)
+
+
 def _uniform(
     generator: torch.Generator, shape: Sequence[int], low: float, high: float, like: torch.Tensor
 ) -> torch.Tensor:
-    """``U(low, high)`` of ``shape`` drawn on the CPU generator, moved to ``like``'s device (float32)."""
-    u = torch.rand(tuple(shape), generator=generator)
-    return (low + (high - low) * u).to(like.device)
+    """``U(low, high)`` of ``shape`` drawn on ``generator``'s device, on ``like``'s device (float32)."""
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device)
+    return _on(low + (high - low) * u, like)
 
 
 def _time(n: int, sampling_rate: float, like: torch.Tensor) -> torch.Tensor:
@@ -77,9 +85,9 @@ class RandomAugmentation(Augmentation):
             raise ValueError(f"{type(self).__name__} expects a batch [B, leads, T], got shape {tuple(x.shape)}")
         if self.p == 0.0 or x.shape[0] == 0:
             return x
-        hit = torch.rand(x.shape[0], generator=generator) < self.p
+        hit = torch.rand(x.shape[0], generator=generator, device=generator.device) < self.p
         out = self.transform(x.float(), sampling_rate, generator).to(x.dtype)
-        return torch.where(hit.to(x.device).view(-1, 1, 1), out, x)
+        return torch.where(_on(hit, x).view(-1, 1, 1), out, x)
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -141,7 +149,7 @@ class GaussianNoise(RandomAugmentation):
         self.std = _check_nonneg("std", std)
 
     def transform(self, x, sampling_rate, generator):
-        return x + self.std * torch.randn(tuple(x.shape), generator=generator).to(x.device)
+        return x + self.std * _on(torch.randn(tuple(x.shape), generator=generator, device=generator.device), x)
 
 
 class PowerlineNoise(RandomAugmentation):
@@ -245,8 +253,8 @@ class JumpNoise(RandomAugmentation):
     def transform(self, x, sampling_rate, generator):
         b, n_leads, n = x.shape
         j = self.max_jumps
-        count = torch.randint(1, j + 1, (b, n_leads, 1), generator=generator).to(x.device)
-        onset = torch.randint(1, max(n, 2), (b, n_leads, j), generator=generator).to(x.device)
+        count = _on(torch.randint(1, j + 1, (b, n_leads, 1), generator=generator, device=generator.device), x)
+        onset = _on(torch.randint(1, max(n, 2), (b, n_leads, j), generator=generator, device=generator.device), x)
         height = _uniform(generator, (b, n_leads, j), -self.amplitude, self.amplitude, x)
         height = height * (torch.arange(j, device=x.device) < count)  # only the first `count` jumps
         steps = torch.zeros_like(x)

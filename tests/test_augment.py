@@ -219,3 +219,123 @@ def test_baseline_wander_single_component_has_the_drawn_frequency():
     spectrum = torch.fft.rfft(d.double(), dim=-1).abs()
     freqs = torch.fft.rfftfreq(n, 1 / fs)
     assert torch.all(freqs[spectrum.argmax(-1)] == 0.25)
+
+
+# Outputs pinned before augmentations drew on their generator's device: on the CPU (where the
+# loop's device generator is its CPU generator) the views of a seeded run must not change.
+# x = randn(3, 2, 64) from seed 1, 250 Hz, generator seed 7; (sum, values at PINNED_INDEX).
+PINNED_INDEX = [0, 17, 63, 69, 168, 383]
+PINNED = {
+    "baseline_shift": ({"p": 0.7, "max_shift": 0.5, "per_lead": True}, -20.52818464487791,
+                       [-1.3687056, -1.0038712, -0.590982, -0.274786, 0.2346377, 0.8538828]),
+    "baseline_wander": ({"p": 0.7, "amplitude": 0.5}, -1.1403411426581442,
+                        [-1.2435987, -0.8936218, -0.5382229, 0.0160276, 0.306951, 0.9143394]),
+    "gaussian_noise": ({"p": 0.7, "std": 0.05}, 9.949560219421983,
+                       [-1.5950161, -1.1508392, -0.6672699, 0.0699334, 0.3211337, 1.011776]),
+    "powerline_noise": ({"p": 0.7, "amplitude": 0.1, "frequency": 50.0}, 10.207179196178913,
+                        [-1.5428606, -1.1535157, -0.727183, -0.0600485, 0.3458939, 0.9972062]),
+    "amplitude_scale": ({"p": 0.7}, 4.920595459814649,
+                        [-1.8962556, -1.4427807, -0.9295757, -0.0052109, 0.2790296, 0.820197]),
+    "random_crop_resize": ({"p": 0.7}, 17.09785665012896,
+                           [-0.8815598, -0.8461942, 1.5309358, 1.0407856, 0.3944911, -1.1884937]),
+    "jump_noise": ({"p": 0.7}, 22.936801651492715,
+                   [-1.5255959, -1.1607615, -0.7407889, -0.0075475, 0.378649, 1.1531309]),
+    "time_mask": ({"p": 0.7}, 6.754181660886388,
+                  [-1.5255959, 0.0, -0.7478722, -0.0075475, 0.0, 0.9885666]),
+}
+PINNED_DEFAULT_PIPELINE = [  # default_ecg_augmentations(250), one generator (seed 11), two views
+    (3.3898380622267723, [0.1613456, -0.6338883, 1.1585975, -0.3802506, -1.0947275, 0.8140619]),
+    (37.84169709123671, [-1.4599804, -1.2955586, -0.9659632, -0.2025368, 0.7638975, 1.3624048]),
+]
+
+
+def pinned_input() -> torch.Tensor:
+    return torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(1))
+
+
+def assert_pinned(out: torch.Tensor, total: float, values: list[float]) -> None:
+    assert float(out.double().sum()) == pytest.approx(total, rel=1e-6, abs=1e-5)
+    got = out.flatten()[PINNED_INDEX].tolist()
+    assert got == pytest.approx(values, abs=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_cpu_outputs_are_unchanged(name):
+    options, total, values = PINNED[name]
+    out = AUGMENTATIONS[name](**options)(pinned_input(), 250.0, gen(7))
+    assert_pinned(out, total, values)
+
+
+def test_default_pipeline_cpu_outputs_are_unchanged():
+    pipeline = build_augmentations(None, default_ecg_augmentations(250.0), "objective.augmentations")
+    g = gen(11)
+    for total, values in PINNED_DEFAULT_PIPELINE:
+        assert_pinned(pipeline(pinned_input(), 250.0, g), total, values)
+
+
+def test_draws_come_from_the_generator_in_order():
+    """Which samples are hit first, then the transform's draws: Gaussian noise is x + std * randn."""
+    x = ecg_like()
+    out = AUGMENTATIONS["gaussian_noise"](p=0.5, std=0.1)(x, 500.0, gen(1))
+    g = gen(1)
+    hit = torch.rand(x.shape[0], generator=g) < 0.5
+    expected = torch.where(hit.view(-1, 1, 1), x + 0.1 * torch.randn(tuple(x.shape), generator=g), x)
+    assert 0 < int(hit.sum()) < x.shape[0]
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_every_draw_is_made_on_the_generators_device(name, monkeypatch):
+    """Random numbers are drawn where the generator lives (no CPU draw copied to a GPU batch)."""
+    x, calls = ecg_like(), []
+    for fn in ("rand", "randn", "randint"):
+        original = getattr(torch, fn)
+
+        def spy(*args, _original=original, _fn=fn, **kwargs):
+            calls.append((_fn, kwargs.get("generator"), kwargs.get("device")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, fn, spy)
+    g = gen(2)
+    AUGMENTATIONS[name](p=1.0)(x, 500.0, g)
+    assert len(calls) >= 2  # which samples are hit, then the transform's own draws
+    for fn, generator, device in calls:
+        assert generator is g and device == g.device, (fn, generator, device)
+
+
+def run_on_cuda(augmentation, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``augmentation`` on ``x`` with a CUDA generator, failing on any host sync or blocking copy."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return augmentation(x, 500.0, g)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_cuda_generator_draws_on_the_gpu(name):
+    x = ecg_like().cuda()
+    augmentation = AUGMENTATIONS[name](p=1.0)
+    run_on_cuda(augmentation, x, 0)  # first call: kernels load
+    a, b, c = run_on_cuda(augmentation, x, 3), run_on_cuda(augmentation, x, 3), run_on_cuda(augmentation, x, 4)
+    assert a.device.type == "cuda" and a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a CPU generator still works for a batch on the GPU (its draws are copied over)
+    on_gpu = augmentation(x, 500.0, gen(5))
+    on_cpu = augmentation(x.cpu(), 500.0, gen(5))
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_pipeline_on_cuda_is_sync_free_and_deterministic():
+    pipeline = build_augmentations(None, default_ecg_augmentations(500.0), "objective.augmentations")
+    x = ecg_like().cuda().to(torch.bfloat16)
+    run_on_cuda(pipeline, x, 0)
+    a, b = run_on_cuda(pipeline, x, 9), run_on_cuda(pipeline, x, 9)
+    assert a.device.type == "cuda" and a.dtype == torch.bfloat16 and torch.equal(a, b)

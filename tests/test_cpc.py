@@ -210,3 +210,56 @@ def test_twenty_adam_steps_lower_the_loss(registry):
         losses.append(out.loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
     assert out.logs["accuracy"] > 0.3  # chance among 33 candidates is 0.03
+
+
+@pytest.mark.parametrize("num_negatives", [0, 20])
+def test_offset_logits_are_float32_under_bf16_autocast(registry, num_negatives):
+    obj = build(registry, num_negatives=num_negatives, normalize=True, temperature=0.1)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 12, 16, generator=g)
+    pred = torch.randn(2, 10, 16, generator=g)  # k = 2
+    exact, positives = obj.offset_logits(pred, z, 2, torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_positives = obj.offset_logits(pred, z, 2, torch.Generator().manual_seed(1))
+        from_bf16, _ = obj.offset_logits(pred.bfloat16(), z.bfloat16(), 2, torch.Generator().manual_seed(1))
+    assert got.dtype == from_bf16.dtype == torch.float32
+    assert torch.equal(got, exact) and torch.equal(got_positives, positives)
+    # bf16 inputs (what autocast's layers hand over) are scored in float32 too
+    expected, _ = obj.offset_logits(pred.bfloat16().float(), z.bfloat16().float(), 2,
+                                    torch.Generator().manual_seed(1))
+    assert torch.equal(from_bf16, expected)
+
+
+@pytest.mark.parametrize("context", ["lstm", "gru"])
+def test_context_network_runs_in_float32_under_bf16_autocast(registry, context):
+    net = build(registry, encoder_options={"context": context}).encoder.context_network
+    z = torch.randn(2, 30, 16, generator=torch.Generator().manual_seed(2))
+    exact = net(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net(z)
+        from_bf16 = net(z.bfloat16())  # the conv layers' autocast output
+    assert got.dtype == from_bf16.dtype == torch.float32
+    assert torch.equal(got, exact)
+    assert torch.equal(from_bf16, net(z.bfloat16().float()))
+
+
+def test_cpc_trains_under_bf16_autocast(registry):
+    """Under CPU bf16 autocast: float32 loss and gradients for every parameter, and steps lower the loss."""
+    obj = build(registry, num_negatives=20).train()
+    opt = torch.optim.Adam(obj.parameters(), lr=1e-2)
+    b = batch(n=8)
+    losses = []
+    for i in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = obj.loss(b, step(0))
+        assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        if i == 0:
+            for name, p in obj.named_parameters():
+                assert p.grad is not None and p.grad.dtype == torch.float32, name
+                assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert isinstance(out.logs["accuracy"], torch.Tensor) and 0.0 <= float(out.logs["accuracy"]) <= 1.0

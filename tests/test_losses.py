@@ -142,6 +142,82 @@ def test_info_nce_bad_input():
         info_nce(torch.randn(2, 3), torch.randn(2, 3), torch.eye(2, dtype=torch.bool), temperature=-1)
 
 
+def _paired(n: int = 32, d: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy pairs: a loss of order 1, where bf16 logits are off by far more than 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g)
+    return z1, z1 + 3.0 * torch.randn(n, d, generator=g)
+
+
+def _spy_cross_entropy(monkeypatch) -> list[torch.dtype]:
+    """Record the dtype of the logits every ``F.cross_entropy`` call receives."""
+    seen: list[torch.dtype] = []
+    original = F.cross_entropy
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.dtype)
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    return seen
+
+
+def test_autocast_recasts_float32_matmuls_to_bf16():
+    """Why the losses switch autocast off: ``.float()`` alone does not keep a matmul in float32."""
+    z1, z2 = _paired()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (z1.float() @ z2.float().t()).dtype == torch.bfloat16
+
+
+def test_nt_xent_logits_are_float32_under_bf16_autocast(monkeypatch):
+    z1, z2 = _paired()
+    exact = nt_xent(z1, z2, 0.1)
+    # the loss from a bf16 similarity matmul, what autocast made of it before
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lossy_logits = (z @ z.t()).float() / 0.1
+    n = z1.shape[0]
+    lossy = F.cross_entropy(lossy_logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf")),
+                            torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+    assert abs(lossy.item() / exact.item() - 1) > 1e-4
+    seen = _spy_cross_entropy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nt_xent(z1, z2, 0.1)
+    assert seen == [torch.float32]
+    assert got.dtype == torch.float32 and torch.equal(got, exact)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_info_nce_logits_are_float32_under_bf16_autocast(monkeypatch, multi):
+    q, k = _paired(seed=1)
+    pos = torch.eye(q.shape[0], dtype=torch.bool)
+    if multi:
+        pos[0, 1] = pos[3, 7] = True  # some rows with two positives: the log_softmax path
+    exact = info_nce(q, k, pos, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lossy_logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t()
+    assert lossy_logits.dtype == torch.bfloat16
+    lossy = info_nce_from_logits(lossy_logits.float() / 0.1, pos)
+    assert abs(lossy.item() / exact.item() - 1) > 1e-4
+    seen = _spy_cross_entropy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = info_nce(q, k, pos, 0.1)
+    assert seen == ([] if multi else [torch.float32])
+    assert got.dtype == torch.float32 and torch.equal(got, exact)
+
+
+def test_info_nce_checks_a_cpu_mask_and_scores_on_the_logits_device():
+    """A CPU mask with logits elsewhere is checked on the CPU and copied (here: the meta device)."""
+    logits = torch.zeros(3, 3, device="meta")
+    pos = torch.eye(3, dtype=torch.bool)
+    pos[0, 1] = True
+    for mask in (torch.eye(3, dtype=torch.bool), pos):
+        loss = info_nce_from_logits(logits, mask)
+        assert loss.device.type == "meta" and loss.dtype == torch.float32
+    with pytest.raises(ValueError, match="no positive pair"):
+        info_nce_from_logits(logits, torch.zeros(3, 3, dtype=torch.bool))
+
+
 def test_projection_head_layers_and_shapes():
     head = ProjectionHead(32, out_dim=16, num_layers=3)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]

@@ -107,3 +107,16 @@ def test_twenty_adam_steps_lower_the_loss(registry):
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_views_draw_from_the_device_generator(registry):
+    """Augmentation noise comes from ``StepInfo.device_generator``; the host generator is untouched."""
+    obj = build(registry)
+    b = batch()
+    host = torch.Generator().manual_seed(0)
+    state = host.get_state()
+    info = StepInfo(step=0, total_steps=100, epoch=0, generator=host, device_generator=torch.Generator().manual_seed(3))
+    v1, v2 = obj.views(b, info)
+    assert torch.equal(host.get_state(), state)
+    w1, w2 = obj.views(b, step(3))  # one generator seeded 3 serving both roles: the same views
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)

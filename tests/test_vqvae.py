@@ -190,7 +190,7 @@ def test_loss_logs_every_step_and_reconstruction_improves(signals):
     for entry in logs:
         for key in ("vq_usage", "vq_perplexity", "vq_perplexity_window", "vq_recon", "vq_commit",
                     "vq_perplexity_per_position", "vq_restarted"):
-            assert key in entry and np.isfinite(entry[key])
+            assert key in entry and np.isfinite(float(entry[key]))
     first = np.mean([e["vq_recon"] for e in logs[:5]])
     last = np.mean([e["vq_recon"] for e in logs[-5:]])
     assert last < 0.9 * first, (first, last)

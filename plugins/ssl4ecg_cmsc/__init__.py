@@ -33,7 +33,7 @@ def adjacent_segments(
             f"lower [objective] segment_seconds or raise [data] seconds."
         )
     start = torch.randint(0, n - 2 * segment + 1, (b,), generator=generator)
-    index = (start[:, None] + torch.arange(2 * segment)).to(x.device)  # [B, 2S]
+    index = start.to(x.device, non_blocking=True)[:, None] + torch.arange(2 * segment, device=x.device)  # [B, 2S]
     pair = x.gather(2, index[:, None, :].expand(b, n_leads, 2 * segment))
     return pair[..., :segment], pair[..., segment:], start
 
@@ -135,12 +135,12 @@ class CMSC(Objective):
         h = self.encoder.embed(torch.cat([first, second]), batch.leads)
         z = self.head(h)
         z1, z2 = z[:n], z[n:]
-        positives = self.positive_mask(batch).to(z.device)
+        positives = self.positive_mask(batch)  # on the CPU: info_nce checks it there, without a host sync
         loss = 0.5 * (
             info_nce(z1, z2, positives, self.temperature)
             + info_nce(z2, z1, positives.t(), self.temperature)
         )
-        extra = float(positives.sum() - n) / n
+        extra = (positives.sum() - n).double() / n  # a CPU tensor: read by the loop at log steps
         return LossOutput(loss, {"patient_pairs_per_sample": extra}, representation=h[:n].detach())
 
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssl4ecg import hookimpl
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.interfaces import Batch, Encoder, LossOutput, Objective, SignalSpec, StepInfo
 from ssl4ecg.nn.conv_encoders import ConvEncoder
-from ssl4ecg.nn.losses import info_nce_from_logits
+from ssl4ecg.nn.losses import float32_region
 
 
 class ContextNetwork(nn.Module):
-    """The autoregressive g_ar: a unidirectional LSTM or GRU over z_t giving c_t."""
+    """The autoregressive g_ar: a unidirectional LSTM or GRU over z_t giving c_t.
+
+    The recurrence runs in float32 on every device, autocast off: errors of a bf16 state
+    compound over hundreds of time steps (c_t is float32 under autocast too).
+    """
 
     def __init__(self, input_dim: int, hidden_dim: int, num_layers: int, kind: str) -> None:
         super().__init__()
@@ -30,8 +35,9 @@ class ContextNetwork(nn.Module):
         self.output_dim = hidden_dim
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """``z [B, T', D]`` -> ``c [B, T', H]`` (c_t sees z_1..z_t only)."""
-        return self.rnn(z)[0]
+        """``z [B, T', D]`` -> ``c [B, T', H]`` float32 (c_t sees z_1..z_t only)."""
+        with float32_region(z.device):
+            return self.rnn(z.float())[0]
 
 
 class CPCEncoder(ConvEncoder):
@@ -115,8 +121,8 @@ def random_crops(x: torch.Tensor, length: int, generator: torch.Generator) -> to
     b, n_leads, n = x.shape
     if length >= n:
         return x
-    start = torch.randint(0, n - length + 1, (b,), generator=generator)
-    index = (start[:, None] + torch.arange(length)).to(x.device)
+    start = torch.randint(0, n - length + 1, (b,), generator=generator).to(x.device, non_blocking=True)
+    index = start[:, None] + torch.arange(length, device=x.device)
     return x.gather(2, index[:, None, :].expand(b, n_leads, length))
 
 
@@ -129,9 +135,10 @@ class CPC(Objective):
     of the same record and other records; one draw per offset shared by all predictions; a
     draw that hits a prediction's own positive is left out of its softmax).
     ``num_negatives = 0`` uses every position of the batch. Scores are ``z . W_k c_t /
-    temperature`` (``normalize = true``: cosine). The loss is the mean over offsets.
-    Records are randomly cropped to ``crop_seconds`` first (Mehari & Strodthoff: 2.5 s;
-    0 = whole records).
+    temperature`` (``normalize = true``: cosine), computed in float32 with autocast off.
+    The loss is the mean over offsets; ``logs["accuracy"]`` (a 0-dim tensor) is the share
+    of predictions whose positive scores highest. Records are randomly cropped to
+    ``crop_seconds`` first (Mehari & Strodthoff: 2.5 s; 0 = whole records).
     """
 
     def __init__(
@@ -180,36 +187,50 @@ class CPC(Objective):
     def offset_logits(
         self, pred: torch.Tensor, z: torch.Tensor, k: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and positive mask for offset ``k``.
+        """Float32 logits and positive mask for offset ``k`` (autocast off; no host sync).
 
         ``pred [B, T'-k, D]`` are the predictions from c_0..c_{T'-k-1}; ``z [B, T', D]``.
         With sampled negatives column 0 holds the positive and columns 1.. the negatives; a
         negative draw that is the row's own positive is set to ``-inf`` (left out of the
         softmax). With ``num_negatives = 0`` the columns are all B * T' latents of the batch.
+        Negatives are drawn from ``generator`` on its own device.
         """
+        logits, target = self._logits_and_target(pred, z, k, generator)
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        positives[torch.arange(logits.shape[0], device=logits.device), target] = True
+        return logits, positives
+
+    def _logits_and_target(
+        self, pred: torch.Tensor, z: torch.Tensor, k: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`offset_logits` with the positive given as a column index per row (``[N]`` long)."""
         b, n_tok, d = z.shape
         n_pred = n_tok - k
-        q = pred.reshape(b * n_pred, d)
-        z_flat = z.reshape(b * n_tok, d)
+        device = z.device
         # flat index of each prediction's positive z_{t+k}
-        pos_index = (torch.arange(b)[:, None] * n_tok + torch.arange(k, n_tok)[None, :]).reshape(-1).to(z.device)
-        if self.normalize:
-            q, z_flat = nn.functional.normalize(q, dim=1), nn.functional.normalize(z_flat, dim=1)
-        if self.num_negatives == 0:
-            logits = q @ z_flat.t()
-            positives = torch.zeros_like(logits, dtype=torch.bool)
-            positives[torch.arange(q.shape[0], device=z.device), pos_index] = True
-        else:
-            neg_index = torch.randint(0, b * n_tok, (self.num_negatives,), generator=generator).to(z.device)
-            pos_logit = (q * z_flat[pos_index]).sum(dim=1, keepdim=True)
-            neg_logits = (q @ z_flat[neg_index].t()).masked_fill(neg_index[None, :] == pos_index[:, None],
-                                                                 float("-inf"))
-            logits = torch.cat([pos_logit, neg_logits], dim=1)
-            positives = torch.zeros_like(logits, dtype=torch.bool)
-            positives[:, 0] = True
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return logits, positives
+        pos_index = (
+            torch.arange(b, device=device)[:, None] * n_tok + torch.arange(k, n_tok, device=device)[None, :]
+        ).reshape(-1)
+        with float32_region(device):
+            q = pred.reshape(b * n_pred, d).float()
+            z_flat = z.reshape(b * n_tok, d).float()
+            if self.normalize:
+                q, z_flat = F.normalize(q, dim=1), F.normalize(z_flat, dim=1)
+            if self.num_negatives == 0:
+                logits = q @ z_flat.t()
+                target = pos_index
+            else:
+                neg_index = torch.randint(
+                    0, b * n_tok, (self.num_negatives,), generator=generator, device=generator.device
+                ).to(device, non_blocking=True)
+                pos_logit = (q * z_flat[pos_index]).sum(dim=1, keepdim=True)
+                neg_logits = (q @ z_flat[neg_index].t()).masked_fill(neg_index[None, :] == pos_index[:, None],
+                                                                     float("-inf"))
+                logits = torch.cat([pos_logit, neg_logits], dim=1)
+                target = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+        return logits, target
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
         """Mean over k = 1..K of InfoNCE(W_k c_t vs z_{t+k})."""
@@ -224,14 +245,14 @@ class CPC(Objective):
             )
         c = self.encoder.context_network(z)
         total = z.new_zeros((), dtype=torch.float32)
-        correct = 0.0
+        correct = z.new_zeros((), dtype=torch.float32)
         for k in range(1, self.prediction_steps + 1):
             pred = self.predictors[k - 1](c[:, : n_tok - k])
-            logits, positives = self.offset_logits(pred, z, k, step.generator)
-            total = total + info_nce_from_logits(logits, positives)
+            logits, target = self._logits_and_target(pred, z, k, step.device_generator)
+            with float32_region(logits.device):
+                total = total + F.cross_entropy(logits, target)  # InfoNCE with one positive per row
             with torch.no_grad():
-                hit = positives.gather(1, logits.argmax(dim=1, keepdim=True))
-                correct += float(hit.float().mean())
+                correct += (logits.argmax(dim=1) == target).float().mean()
         loss = total / self.prediction_steps
         pooled = c if getattr(self.encoder, "embed_from", "context") == "context" else z
         return LossOutput(

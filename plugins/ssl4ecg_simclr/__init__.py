@@ -21,7 +21,8 @@ from ssl4ecg.nn.losses import nt_xent
 class SimCLR(Objective):
     """SimCLR: NT-Xent between projections of two independently augmented views of each ECG.
 
-    Each view is ``augmentations(signal)`` with fresh randomness from the loop's generator;
+    Each view is ``augmentations(signal)`` with fresh randomness from the loop's device
+    generator (``StepInfo.device_generator``: the noise is drawn where the batch lives);
     both go through ``encoder.embed`` (h) and the projection head (z); the loss is NT-Xent
     over the 2B projections with ``temperature``. ``augmentations`` is a list of recipe
     tables (default: the ECG-JEPA paper's set, see
@@ -60,11 +61,11 @@ class SimCLR(Objective):
         )
 
     def views(self, batch: Batch, step: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two independently augmented copies of ``batch.signal``."""
+        """Two independently augmented copies of ``batch.signal`` (draws from ``step.device_generator``)."""
         x = batch.signal
         return (
-            self.augment(x, batch.sampling_rate, step.generator),
-            self.augment(x, batch.sampling_rate, step.generator),
+            self.augment(x, batch.sampling_rate, step.device_generator),
+            self.augment(x, batch.sampling_rate, step.device_generator),
         )
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
@@ -77,7 +78,7 @@ class SimCLR(Objective):
         loss = nt_xent(z1, z2, self.temperature)
         with torch.no_grad():
             pos_cos = F.cosine_similarity(z1.float(), z2.float(), dim=1).mean()
-        return LossOutput(loss, {"pos_cos": float(pos_cos)}, representation=h[:n].detach())
+        return LossOutput(loss, {"pos_cos": pos_cos}, representation=h[:n].detach())
 
 
 @hookimpl

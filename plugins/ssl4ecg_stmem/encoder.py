@@ -295,9 +295,13 @@ class STMEMEncoder(Encoder):
                 f"ST-MEM encode_visible: patches {tuple(patches.shape)} and mask {tuple(visible.shape)} do not "
                 f"match {len(index)} leads x {self.n_patches} patches of {self.patch_size} samples"
             )
-        visible = visible.to(device=patches.device, dtype=torch.bool)
-        counts = visible.sum(dim=-1)  # [B, L]
-        k = int(counts.max())
+        # the shapes depend on the counts: read them from the mask where it was drawn (a CPU mask
+        # costs no device sync), then move it
+        host_counts = visible.to(torch.bool).sum(dim=-1)
+        k = int(host_counts.max())
+        uniform = bool((host_counts == k).all())
+        visible = visible.to(device=patches.device, dtype=torch.bool, non_blocking=True)
+        counts = host_counts.to(patches.device, non_blocking=True)  # [B, L]
         order = torch.argsort((~visible).to(torch.int8), dim=-1, stable=True)  # visible first, time order
         keep_index = order[..., :k]
         valid = torch.arange(k, device=patches.device) < counts[..., None]
@@ -310,7 +314,7 @@ class STMEMEncoder(Encoder):
         seq = self._sequence(kept, positions, index)  # [B, L, k + 2, D]
 
         attn_mask = None
-        if not bool((counts == k).all()):
+        if not uniform:
             ends = torch.ones(batch, n_leads, 1, dtype=torch.bool, device=patches.device)
             key_ok = torch.cat([ends, valid, ends], dim=2).reshape(batch, 1, 1, n_leads * (k + 2))
             attn_mask = key_ok

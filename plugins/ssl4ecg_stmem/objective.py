@@ -160,7 +160,8 @@ class STMEMObjective(Objective):
             )
         if length == crop:
             return x
-        starts = torch.randint(0, length - crop + 1, (x.shape[0],), generator=generator).to(x.device)
+        starts = torch.randint(0, length - crop + 1, (x.shape[0],), generator=generator)
+        starts = starts.to(x.device, non_blocking=True)  # no host sync: the draw lives on the host
         index = starts[:, None] + torch.arange(crop, device=x.device)[None, :]
         return torch.gather(x, 2, index[:, None, :].expand(-1, x.shape[1], -1))
 
@@ -182,8 +183,9 @@ class STMEMObjective(Objective):
         ``x`` is ``[B, L, crop_samples]``; ``mask`` bool ``[B, L, n]`` (True = masked).
         """
         lead_index = self.encoder.lead_indices(leads)
-        visible = ~mask.to(device=x.device, dtype=torch.bool)
+        visible = ~mask.to(dtype=torch.bool)  # where the masker drew it (the CPU): shapes come from it
         encoded = self.encoder.encode_visible(self.encoder.patchify(x), visible, leads)
+        visible = visible.to(x.device, non_blocking=True)
         return self.decoder(encoded, visible, lead_index), encoded.pooled
 
     def loss(self, batch: Batch, step: StepInfo) -> LossOutput:
@@ -191,10 +193,10 @@ class STMEMObjective(Objective):
         x = self.random_crop(batch.signal, step.generator)
         mask = self.sample_mask(x.shape[0], x.shape[1], step.generator)
         pred, pooled = self.predict(x, mask, batch.leads)
-        mask_dev = mask.to(x.device)
+        mask_dev = mask.to(x.device, non_blocking=True)
         loss = masked_patch_mse(pred, self.encoder.patchify(x), mask_dev, self.norm_target)
         return LossOutput(
             loss=loss,
-            logs={"mask_ratio": float(mask.float().mean())},
+            logs={"mask_ratio": mask.float().mean()},  # a tensor: read by the loop at log steps
             representation=pooled.detach().float(),
         )

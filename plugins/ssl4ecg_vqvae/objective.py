@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from ssl4ecg.errors import ConfigError
 from ssl4ecg.interfaces import Batch, Encoder, LossOutput, Objective, SignalSpec, StepInfo
 
-from ssl4ecg_vqvae.quantizer import Quantized, VectorQuantizer, perplexity
+from ssl4ecg_vqvae.quantizer import Quantized, VectorQuantizer
 
 REPRESENTATIONS = ("quantized", "pre_quantized")
 EVAL_ENCODERS = ("backbone", "quantized", "pre_quantized")
@@ -151,19 +151,32 @@ class QuantizedEncoder(Encoder):
         return F.embedding(codes, self.quantizer.codebook.float()).reshape(b, n, d)
 
 
-def position_perplexity(codes: torch.Tensor, codebook_size: int) -> float:
+def count_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp`` of the entropy of the code distribution given by ``counts`` ``[K]``, as a 0-dim tensor.
+
+    The value of :func:`ssl4ecg_vqvae.quantizer.perplexity` (1 = one code, K = uniform, 0 for no
+    counts) computed on ``counts``' device without a host sync.
+    """
+    counts = counts.float()
+    total = counts.sum()
+    p = counts / total
+    entropy = -torch.xlogy(p, p).sum()  # 0 log 0 = 0
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def position_perplexity(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Mean over token positions of the perplexity of the codes the batch's records use there.
 
     ``codes`` is ``[B, N]``. Near 1 when codes only encode *where* a token is (every record gets
     the same code at a position) although the overall perplexity may be high: the check that
-    the codebook carries content, not just position.
+    the codebook carries content, not just position. A 0-dim tensor on ``codes``' device.
     """
     b, n = codes.shape
     onehot = torch.zeros(n, codebook_size, device=codes.device)
     onehot.scatter_add_(1, codes.t().contiguous(), torch.ones(n, b, device=codes.device))
     p = onehot / b
     ent = -(p * p.clamp_min(1e-12).log()).sum(dim=1)
-    return float(ent.exp().mean())
+    return ent.exp().mean()
 
 
 class VQVAEObjective(Objective):
@@ -286,19 +299,25 @@ class VQVAEObjective(Objective):
         target = self.targets(x).float()
         rec_loss = F.mse_loss(recon.float(), target)
         loss = rec_loss + self.beta * q.commitment + q.codebook_loss
-        counts = torch.bincount(q.codes.flatten(), minlength=self.quantizer.codebook_size).float()
-        logs = {
-            "vq_recon": float(rec_loss.detach()),
-            "vq_commit": float(q.commitment.detach()),
-            "vq_perplexity": perplexity(counts.cpu()),
-            "vq_usage": self.quantizer.usage(),
-            "vq_perplexity_window": self.quantizer.window_perplexity(),
-            "vq_batch_usage": float((counts > 0).float().mean()),
-            "vq_perplexity_per_position": position_perplexity(q.codes, self.quantizer.codebook_size),
-            "vq_restarted": float(self.quantizer.last_restarted),
-        }
+        with torch.no_grad():  # 0-dim tensors, read by the loop at log steps (no host sync per step)
+            logs = self._codebook_logs(q, rec_loss)
         pooled = (q.quantized if self.representation == "quantized" else z).mean(dim=1)
         return LossOutput(loss=loss, logs=logs, representation=pooled.detach())
+
+    def _codebook_logs(self, q: Quantized, rec_loss: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """The step's logs: losses, batch / window / per-position perplexities and code usage."""
+        counts = torch.bincount(q.codes.flatten(), minlength=self.quantizer.codebook_size).float()
+        window = self.quantizer.hits.sum(0)  # code counts over the usage window (what usage() reads)
+        return {
+            "vq_recon": rec_loss.detach(),
+            "vq_commit": q.commitment.detach(),
+            "vq_perplexity": count_perplexity(counts),
+            "vq_usage": (window > 0).float().mean(),
+            "vq_perplexity_window": count_perplexity(window),
+            "vq_batch_usage": (counts > 0).float().mean(),
+            "vq_perplexity_per_position": position_perplexity(q.codes, self.quantizer.codebook_size),
+            "vq_restarted": float(self.quantizer.last_restarted),  # a Python int, set in after_step
+        }
 
     def after_step(self, step: StepInfo) -> None:
         """Apply the EMA codebook update and restart dead codes (once per optimiser step)."""

@@ -2,14 +2,34 @@
 
 All losses are computed in float32 whatever the autocast dtype of their inputs, since
 softmaxes over hundreds of logits at temperature 0.1 lose too much precision in bf16.
+Casting with ``.float()`` is not enough inside an autocast region (autocast recasts a
+matmul's inputs to bf16), so the similarity matmuls and the losses run in
+:func:`float32_region`, with autocast off.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("pairs", "rows")
+
+
+def float32_region(device: torch.device | str):
+    """A context with autocast off for ``device``'s type: ops run in their inputs' dtype there.
+
+    Cast the inputs to float32 inside it. Device types without autocast get a no-op context.
+    """
+    device_type = torch.device(device).type
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # older torch: a device type without autocast
+        return contextlib.nullcontext()
 
 
 def info_nce_from_logits(
@@ -25,6 +45,9 @@ def info_nce_from_logits(
     column of row ``i`` except those marked in ``exclude`` (e.g. the self-similarity).
     ``reduction = "pairs"`` averages the terms over all positive pairs; ``"rows"`` first
     averages within each row (as SupCon does), then over rows that have a positive.
+
+    The loss is float32 (autocast off). The masks are checked where they live: pass them
+    on the CPU to keep a GPU step free of host syncs (they are then copied asynchronously).
     """
     if logits.dim() != 2 or positive_mask.shape != logits.shape:
         raise ValueError(
@@ -34,17 +57,31 @@ def info_nce_from_logits(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     positive_mask = positive_mask.bool()
-    logits = logits.float()
     if exclude is not None:
         exclude = exclude.bool()
-        if (exclude & positive_mask).any():
+        if (exclude.to(positive_mask.device) & positive_mask).any():
             raise ValueError("an entry cannot be both a positive and excluded from the denominator")
-        logits = logits.masked_fill(exclude, float("-inf"))
     n_pos = positive_mask.sum(dim=1)
     if not bool((n_pos > 0).any()):
         raise ValueError("positive_mask has no positive pair: every InfoNCE row needs at least one positive")
-    if bool((n_pos == 1).all()):  # one positive per row: both reductions are a plain cross entropy
-        return F.cross_entropy(logits, positive_mask.to(torch.uint8).argmax(dim=1))
+    one_each = bool((n_pos == 1).all())
+    device = logits.device
+    with float32_region(device):
+        logits = logits.float()
+        if exclude is not None:
+            logits = logits.masked_fill(exclude.to(device, non_blocking=True), float("-inf"))
+        if one_each:  # one positive per row: both reductions are a plain cross entropy
+            target = positive_mask.to(torch.uint8).argmax(dim=1).to(device, non_blocking=True)
+            return F.cross_entropy(logits, target)
+        positive_mask = positive_mask.to(device, non_blocking=True)
+        n_pos = n_pos.to(device, non_blocking=True)
+        return _multi_positive_nce(logits, positive_mask, n_pos, reduction)
+
+
+def _multi_positive_nce(
+    logits: torch.Tensor, positive_mask: torch.Tensor, n_pos: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """The general InfoNCE of :func:`info_nce_from_logits` (float32 ``logits``, masks on their device)."""
     log_prob = torch.log_softmax(logits, dim=1)
     # zero (not -inf * 0) where an entry is not a positive
     pos_log_prob = torch.where(positive_mask, log_prob, torch.zeros_like(log_prob))
@@ -74,11 +111,20 @@ def info_nce(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != keys.shape[1]:
         raise ValueError(f"query [N, D] and keys [M, D] must share D; got {tuple(query.shape)}, {tuple(keys.shape)}")
-    query, keys = query.float(), keys.float()
-    if normalize:
-        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
-    logits = query @ keys.t() / temperature
-    return info_nce_from_logits(logits, positive_mask, exclude=exclude, reduction=reduction)
+    with float32_region(query.device):
+        logits = similarity_logits(query, keys, temperature, normalize)
+        return info_nce_from_logits(logits, positive_mask, exclude=exclude, reduction=reduction)
+
+
+def similarity_logits(
+    query: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0, normalize: bool = True
+) -> torch.Tensor:
+    """``sim(query_i, key_j) / temperature`` ``[N, M]`` in float32, autocast off (cosine when ``normalize``)."""
+    with float32_region(query.device):
+        query, keys = query.float(), keys.float()
+        if normalize:
+            query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+        return query @ keys.t() / temperature
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -95,9 +141,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.t() / temperature
-    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(eye, float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, target)
+    device = z1.device
+    with float32_region(device):
+        z = torch.cat([z1, z2]).float()
+        logits = similarity_logits(z, z, temperature)
+        eye = torch.eye(2 * n, dtype=torch.bool, device=device)
+        logits = logits.masked_fill(eye, float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n, device=device), torch.arange(0, n, device=device)])
+        return F.cross_entropy(logits, target)
