@@ -20,6 +20,7 @@ from ssl4ecg.data.cli import data_app, parse_set
 from ssl4ecg.data.loader import BatchLoader
 from ssl4ecg.data.preprocess import Preprocessing
 from ssl4ecg.data.sources import register_real_sources
+from ssl4ecg.data.sources.base import RawRecord, RecordEntry, RecordSource, Scan
 from ssl4ecg.data.sources.ptbxl import PTBXLSource
 from ssl4ecg.errors import ConfigError, DataError
 from ssl4ecg.registry import Registry
@@ -277,3 +278,38 @@ def test_ptbxl_mini_full_cache(shared_data, tmp_path, registry):
     assert records.spec.n_samples == 2500 and records.summary()["classes"]["NORM"] == 964
     test = records.split("test")
     assert len(test) == 194 and test.labels.sum(axis=0).min() > 0
+
+
+_HELD: dict[int, int] = {}
+
+
+class _CountingSource(RecordSource):
+    """600 tiny records; each read reports how many RecordEntry objects its process holds."""
+
+    name = "counting"
+
+    def scan(self) -> Scan:
+        entries = [RecordEntry(f"r{i}", i, split="train", extra={"note": "x" * 200}) for i in range(600)]
+        return Scan(entries, None)
+
+    def read(self, entry: RecordEntry) -> RawRecord:
+        import gc
+        import os
+
+        if os.getpid() not in _HELD:  # counted at a process's first read (counting is slow)
+            _HELD[os.getpid()] = sum(isinstance(o, RecordEntry) for o in gc.get_objects())
+        held = _HELD[os.getpid()]
+        signal = np.full((2, 400), float(entry.locator), dtype=np.float32)
+        return RawRecord(signal, ("I", "II"), 100.0, extra={"entries_held": held})
+
+
+def test_prepare_workers_do_not_inherit_the_whole_listing(tmp_path):
+    """The parent's listing (about 1 KB per record) is out of memory while the workers run, so
+    their memory does not grow with the dataset (each holds its shard's entries only)."""
+    pp = Preprocessing(sampling_rate=100.0, seconds=4.0, leads=("I", "II"))
+    manifest = prepare_cache(_CountingSource(), "counting", {}, pp, tmp_path / "c", workers=2, shard_size=50)
+    assert manifest["counts"]["records"] == 600 and manifest["workers"] == 2
+    records, _ = open_cache(tmp_path / "c")
+    assert records.extra["entries_held"].max() <= 2 * 50
+    assert records.extra["note"].tolist() == ["x" * 200] * 600  # the listing's metadata is all there
+    np.testing.assert_array_equal(records.signals[:, 0, 0], np.arange(600))

@@ -27,7 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from ssl4ecg.registry import check_type
-from ssl4ecg.data.cache import open_cache, prepare_cache, read_in_memory, read_manifest
+from ssl4ecg.data.cache import (
+    check_cache_dtype, open_cache, prepare_cache, read_in_memory, read_manifest,
+)
 from ssl4ecg.data.preprocess import (
     Preprocessing, apply_dataset_norm, bandpass, crop_offset, dataset_stats, fit_length,
     normalize_record, resample, select_leads,
@@ -55,8 +57,15 @@ DATA_DEFAULTS: dict[str, Any] = {
     "pretrain_splits": ["train", "val"],  # splits used for self-supervised pretraining
     "mixture": [],  # [{cache = "...", weight = 1.0}, ...]: pretrain on several caches
     "workers": 0,  # processes that prepare caches (0 = every core, at most 8)
+    "cache_dtype": "float32",  # storage of prepared caches: float32 | float16 (half the size)
 }
 PREPROCESSING_KEYS = Preprocessing.FIELDS
+#: ``[train]`` keys of the training loader, with their defaults (see :func:`loader_options`)
+LOADER_DEFAULTS: dict[str, Any] = {
+    "loader_workers": 0,  # processes building batches (0 = a background thread)
+    "pin_memory": "auto",  # auto (on when training on CUDA) | on | off
+}
+PIN_MEMORY = ("auto", "on", "off")
 MIXTURE_KEYS = {"cache": "", "weight": 1.0}
 #: the ``source`` a resolved section with a ``mixture`` shows
 MIXTURE_SOURCE = "mixture"
@@ -145,6 +154,12 @@ def resolve_data_section(section: Mapping[str, Any] | None, registry) -> dict:
         resolved.update(copy.deepcopy(manifest["preprocessing"]))
     if cache:
         resolved["source"] = name
+        # storage only: batches are float32 whatever the cache holds, so the cache's type wins
+        cached_dtype = manifest.get("dtype", "float32")
+        if raw.get("cache_dtype", cached_dtype) != cached_dtype:
+            log.info("[data] cache_dtype = %r is ignored: cache %s is stored as %s (read as float32)",
+                     raw["cache_dtype"], cache, cached_dtype)
+        raw["cache_dtype"] = cached_dtype
         cached_options = manifest.get("options", {})
         for key, value in cached_options.items():
             if key in source_keys or key == "path":
@@ -171,6 +186,7 @@ def resolve_data_section(section: Mapping[str, Any] | None, registry) -> dict:
     if bad or not splits:
         raise ConfigError(f"[data] pretrain_splits must list some of {', '.join(SPLITS)}, got {list(splits)}.")
     resolved["pretrain_splits"] = list(splits)
+    check_cache_dtype(resolved["cache_dtype"])
     if resolved["workers"] < 0:
         raise ConfigError(f"[data] workers must be >= 0 (0 = every core), got {resolved['workers']}.")
     if not mixture and not cache and resolved["path"] and "path" not in source_keys:
@@ -196,13 +212,15 @@ def prepare(resolved: Mapping[str, Any], registry, out: str | Path, *, workers: 
     source = make_source(resolved, registry)
     return prepare_cache(source, resolved["source"], source_options(resolved, registry), pp, out,
                          workers=resolved.get("workers", 0) if workers is None else workers,
-                         progress=progress, force=force)
+                         progress=progress, force=force, dtype=resolved.get("cache_dtype", "float32"))
 
 
 def auto_cache_path(resolved: Mapping[str, Any], registry) -> Path:
     """Folder under ``cache_dir`` for the resolved section (keyed by source, options, preprocessing)."""
     key = {"source": resolved["source"], "options": source_options(resolved, registry),
            "preprocessing": Preprocessing.from_section(resolved).as_dict()}
+    if resolved.get("cache_dtype", "float32") != "float32":  # float32 keeps the folders made before the key
+        key["dtype"] = resolved["cache_dtype"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(resolved["cache_dir"]).expanduser() / f"{resolved['source']}-{digest}"
 
@@ -331,21 +349,44 @@ def load_mixture(section: Mapping[str, Any], registry) -> list[tuple[RecordSet, 
     return parts
 
 
+def loader_options(train: Mapping[str, Any], device: Any = "cpu") -> dict:
+    """``workers`` and ``pin_memory`` of the training loader from ``[train]`` (:data:`LOADER_DEFAULTS`).
+
+    ``pin_memory = "auto"`` pins batches when ``device`` is a CUDA device (page-locked
+    batches let ``batch.to(device, non_blocking=True)`` overlap the copy with compute).
+    """
+    import torch
+
+    workers = train.get("loader_workers", LOADER_DEFAULTS["loader_workers"])
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"[train] loader_workers = {workers!r} is invalid: it must be an integer >= 0 "
+                          f"(processes building batches; 0 = a background thread).")
+    pin = train.get("pin_memory", LOADER_DEFAULTS["pin_memory"])
+    if pin not in PIN_MEMORY:
+        raise ConfigError(f"[train] pin_memory = {pin!r} is invalid: it must be one of "
+                          f"{', '.join(repr(p) for p in PIN_MEMORY)} (auto = on when training on CUDA).")
+    on_cuda = torch.device(device).type == "cuda"
+    return {"workers": workers, "pin_memory": on_cuda if pin == "auto" else pin == "on"}
+
+
 def pretrain_loader(section: Mapping[str, Any], registry, batch_size: int, *, seed: int = 0,
                     rank: int = 0, world_size: int = 1, crop_samples: int | None = None,
-                    prefetch: int = 2, drop_last: bool = True):
+                    prefetch: int = 2, drop_last: bool = True, workers: int = 0,
+                    pin_memory: bool = False):
     """The training loader of a ``[data]`` section over its ``pretrain_splits``.
 
     A :class:`~ssl4ecg.data.loader.MixtureLoader` when ``mixture`` is set, else a
     :class:`~ssl4ecg.data.loader.BatchLoader`; memory-mapped caches are never copied.
-    ``loader.spec`` gives the signal geometry to build the encoder for.
+    ``loader.spec`` gives the signal geometry to build the encoder for. ``workers`` processes
+    build the batches (0 = a background thread); ``pin_memory`` pages them in locked memory
+    when CUDA is available (:func:`loader_options` reads both from ``[train]``).
     """
     from ssl4ecg.data.loader import BatchLoader, MixtureLoader
 
     resolved = resolve_data_section(section, registry)
     splits = resolved["pretrain_splits"]
     common = dict(seed=seed, rank=rank, world_size=world_size, crop_samples=crop_samples,
-                  prefetch=prefetch, drop_last=drop_last)
+                  prefetch=prefetch, drop_last=drop_last, workers=workers, pin_memory=pin_memory)
     if resolved["mixture"]:
         parts = load_mixture(resolved, registry)
         indices = [np.flatnonzero(np.isin(rs.splits, splits)) for rs, _ in parts]

@@ -2,7 +2,8 @@
 
 A cache folder holds
 
-* ``signals.npy`` -- ``[N, leads, T]`` float32, records ordered by split (train, val, test,
+* ``signals.npy`` -- ``[N, leads, T]`` float32 (or float16 with ``dtype="float16"``: half
+  the size; readers convert batches to float32), records ordered by split (train, val, test,
   unassigned) and, inside a split, in the source's order, so that a split is one contiguous
   block of the memory map;
 * ``labels.npy`` -- ``[N, C]`` float32 multi-hot (labelled sources only);
@@ -14,22 +15,28 @@ A cache folder holds
 :func:`prepare_cache` works in shards of records processed in parallel processes; each
 finished shard is saved under ``.work/`` (signal file first, its record list last, both by
 atomic rename), so an interrupted prepare resumes with the unfinished shards only. A
-folder without ``manifest.json`` is never taken for a cache.
+folder without ``manifest.json`` is never taken for a cache. While the workers run, the
+source's listing waits in ``.work/entries_*.pkl`` (one file per shard, read by the worker
+that processes it) instead of the parent's memory, so that the forked workers do not inherit
+it: memory stays flat in the number of records.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import gc
 import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import pickle
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -50,6 +57,31 @@ SHARD_SIZE = 256
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 CACHE_FILES = ("signals.npy", "labels.npy", "meta.npz", "manifest.json")
 WORK = ".work"
+#: storage types of ``signals.npy`` (``prepare_cache(dtype=...)``, ``[data] cache_dtype``)
+CACHE_DTYPES = ("float32", "float16")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_cache_dtype(dtype: str) -> str:
+    """``dtype`` if it is a cache storage type, else a :class:`ConfigError` listing them."""
+    if dtype not in CACHE_DTYPES:
+        raise ConfigError(f"cache dtype {dtype!r} is not one of {', '.join(CACHE_DTYPES)} "
+                          f"(float16 halves the cache; batches are float32 either way).")
+    return dtype
+
+
+def to_storage(signals: np.ndarray, dtype: str, record_ids: Sequence[str] = ()) -> np.ndarray:
+    """``signals`` as the cache's storage type; values beyond float16's range are refused."""
+    if dtype == "float32":
+        return np.asarray(signals, dtype=np.float32)
+    peak = np.abs(signals).max(axis=tuple(range(1, signals.ndim))) if signals.size else np.zeros(0)
+    over = np.flatnonzero(peak > _FLOAT16_MAX)
+    if len(over):
+        i = int(over[0])
+        rid = record_ids[i] if i < len(record_ids) else f"#{i}"
+        raise DataError(f"record {rid} reaches |x| = {float(peak[i]):.6g}, beyond float16's range "
+                        f"({_FLOAT16_MAX:g}); prepare with cache_dtype = \"float32\" or normalise the records")
+    return signals.astype(np.float16)
 
 
 # ----------------------------------------------------------------------------- processing
@@ -135,7 +167,8 @@ def read_in_memory(source, name: str, pp: Preprocessing, notes: list[str] | None
     return RecordSet(signals=signals, leads=pp.leads, sampling_rate=pp.sampling_rate,
                      record_ids=meta["record_ids"], patient_ids=meta["patient_ids"],
                      splits=meta["splits"], labels=meta["labels"],
-                     class_names=tuple(scan.class_names or ()), extra=meta["extra"], dropped=dropped)
+                     class_names=tuple(scan.class_names or ()), extra=meta["extra"], dropped=dropped,
+                     integrity=dict(scan.integrity))
 
 
 # ----------------------------------------------------------------------------- workers
@@ -143,10 +176,11 @@ def read_in_memory(source, name: str, pp: Preprocessing, notes: list[str] | None
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: RecordSource, pp: Preprocessing, work: str, in_child: bool = True) -> None:
+def _init_worker(source: RecordSource, pp: Preprocessing, work: str, in_child: bool = True,
+                 dtype: str = "float32") -> None:
     if in_child:
         source.worker_init()
-    _WORKER.update(source=source, pp=pp, work=Path(work))
+    _WORKER.update(source=source, pp=pp, work=Path(work), dtype=dtype)
     try:
         import torch
 
@@ -170,9 +204,48 @@ def _write_shard(work: Path, k: int, result: ShardResult) -> None:
     _atomic_json(meta, payload)
 
 
-def _run_shard(k: int, entries: list[RecordEntry], positions: list[int]) -> tuple[int, int, int]:
-    """Worker task: process one shard and save it; returns (shard, kept, dropped)."""
+def _entries_path(work: Path, k: int) -> Path:
+    return work / f"entries_{k:06d}.pkl"
+
+
+def _save_entries(work: Path, shards, entries: Sequence[RecordEntry]) -> None:
+    """Each shard's entries in a file of its own (pickled), read by the worker that processes it."""
+    for k, pos in shards:
+        path = _entries_path(work, k)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump([entries[p] for p in pos], fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+
+
+def _load_entries(work: Path, shards) -> dict[int, RecordEntry]:
+    """Every shard's entries again, by position (for assembling, once the workers are done)."""
+    out: dict[int, RecordEntry] = {}
+    for k, pos in shards:
+        with open(_entries_path(work, k), "rb") as fh:
+            out.update(zip(pos, pickle.load(fh)))
+    return out
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS before forking workers, so that
+    they do not inherit (and count) the parent's dead pages."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+
+
+def _run_shard(k: int, positions: list[int]) -> tuple[int, int, int]:
+    """Worker task: process one shard (its entries read from the work folder) and save it;
+    returns (shard, kept, dropped)."""
+    with open(_entries_path(_WORKER["work"], k), "rb") as fh:
+        entries = pickle.load(fh)
     result = process_entries(_WORKER["source"], entries, positions, _WORKER["pp"])
+    rid = {p: e.record_id for p, e in zip(positions, entries)}
+    result.signals = to_storage(result.signals, _WORKER["dtype"], [rid[p] for p in result.positions])
     _write_shard(_WORKER["work"], k, result)
     return k, len(result.positions), len(result.dropped)
 
@@ -227,7 +300,8 @@ def versions() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- prepare
 
-def _plan(name: str, options: dict, pp: Preprocessing, scan: Scan, shard_size: int) -> dict:
+def _plan(name: str, options: dict, pp: Preprocessing, scan: Scan, shard_size: int,
+          dtype: str = "float32") -> dict:
     digest = hashlib.sha256()
     for e in scan.entries:
         digest.update(json.dumps([e.record_id, str(e.locator), e.split, list(e.labels)]).encode())
@@ -236,6 +310,8 @@ def _plan(name: str, options: dict, pp: Preprocessing, scan: Scan, shard_size: i
             "preprocessing": pp.as_dict(), "entries": len(scan.entries),
             "entries_sha256": digest.hexdigest(), "shard_size": shard_size,
             "class_names": list(scan.class_names) if scan.class_names is not None else None}
+    if dtype != "float32":  # float32 plans keep the hash of caches written before the option existed
+        plan["dtype"] = dtype
     plan["plan_hash"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     return plan
 
@@ -272,21 +348,24 @@ def prepare_cache(
     progress: bool | Callable[[int, int], None] = False,
     force: bool = False,
     shard_size: int = SHARD_SIZE,
+    dtype: str = "float32",
 ) -> dict:
     """Preprocess every record of ``source`` into the cache folder ``out``; return its manifest.
 
     Idempotent (an up-to-date cache is returned as is) and resumable (finished shards of an
     interrupted run are kept). ``workers`` = 0 uses every core (at most 8); ``progress`` is
     ``True`` for a rich progress bar or a callback ``(done, total)``. A cache prepared with
-    other options is only replaced with ``force``.
+    other options is only replaced with ``force``. ``dtype`` is the storage type of
+    ``signals.npy`` (:data:`CACHE_DTYPES`; float16 halves the file).
     """
+    check_cache_dtype(dtype)
     started = time.perf_counter()
     out = Path(out).expanduser()
     src = as_record_source(source, name)
     src.prefer_rate(pp.sampling_rate)
     scan = src.scan()
     t_scan = time.perf_counter()
-    plan = _plan(name, options, pp, scan, shard_size)
+    plan = _plan(name, options, pp, scan, shard_size, dtype)
     existing = _check_out(out, force)
     if existing is not None:
         if existing.get("plan_hash") == plan["plan_hash"] and all((out / f).exists() for f in existing.get("files", {})):
@@ -317,10 +396,16 @@ def prepare_cache(
     todo = [(k, pos) for k, pos in shards if not _shard_paths(work, k)[1].exists()]
     done_records = n - sum(len(p) for _, p in todo)
     n_workers = default_workers(len(todo)) if workers <= 0 else max(1, min(workers, len(todo)))
+    # the listing (about 1 KB per record) waits on disk while the workers run: forked after
+    # it is gone, they do not inherit it, so memory stays flat in the dataset size
+    _save_entries(work, shards, scan.entries)
+    scan = replace(scan, entries=[])
+    _release_memory()
     t_run = time.perf_counter()
-    _run(src, pp, work, scan, todo, n_workers, progress, done_records, n)
+    _run(src, pp, work, todo, n_workers, progress, done_records, n, dtype)
     t_assemble = time.perf_counter()
-    manifest = _assemble(out, work, scan, plan, pp, name, options, shards)
+    scan = replace(scan, entries=_load_entries(work, shards))
+    manifest = _assemble(out, work, scan, plan, pp, name, options, shards, dtype)
     done = time.perf_counter()
     manifest["prepare_seconds"] = round(done - started, 3)
     manifest["timings"] = {"scan": round(t_scan - started, 3), "process": round(t_assemble - t_run, 3),
@@ -333,21 +418,21 @@ def prepare_cache(
     return manifest
 
 
-def _run(src, pp, work, scan, todo, n_workers, progress, done, total) -> None:
+def _run(src, pp, work, todo, n_workers, progress, done, total, dtype="float32") -> None:
     warm_up(pp)  # before forking: the workers inherit scipy and the filter designs
     callback, bar = _progress(progress, total, done)
     try:
         if n_workers <= 1 or len(todo) <= 1:
-            _init_worker(src, pp, str(work), in_child=False)
+            _init_worker(src, pp, str(work), in_child=False, dtype=dtype)
             for k, pos in todo:
-                _, kept, dropped = _run_shard(k, [scan.entries[p] for p in pos], pos)
+                _, kept, dropped = _run_shard(k, pos)
                 done += kept + dropped
                 callback(done, total)
             return
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with cf.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method),
-                                    initializer=_init_worker, initargs=(src, pp, str(work))) as pool:
-            futures = [pool.submit(_run_shard, k, [scan.entries[p] for p in pos], pos) for k, pos in todo]
+                                    initializer=_init_worker, initargs=(src, pp, str(work), True, dtype)) as pool:
+            futures = [pool.submit(_run_shard, k, pos) for k, pos in todo]
             try:
                 for fut in cf.as_completed(futures):
                     _, kept, dropped = fut.result()
@@ -379,7 +464,7 @@ def _progress(progress, total: int, done: int):
 
 
 def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, name: str,
-              options: dict, shards) -> dict:
+              options: dict, shards, dtype: str = "float32") -> dict:
     """Join the shards into the final files (temp names, then rename); return the manifest."""
     kept_of: dict[int, list[int]] = {}
     dropped: list[tuple[str, str]] = list(scan.dropped)
@@ -400,14 +485,14 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
         if not kept_of[k]:
             continue
         block = np.load(_shard_paths(work, k)[0], mmap_mode="r")
-        if block.shape[0] != len(kept_of[k]) or block.shape[1:] != shape[1:]:
+        if block.shape[0] != len(kept_of[k]) or block.shape[1:] != shape[1:] or block.dtype != np.dtype(dtype):
             raise DataError(f"shard {k} of {out} is inconsistent; delete {work} and prepare again")
         blocks[k] = block
         where.update({p: (k, j) for j, p in enumerate(kept_of[k])})
     # every new file is written under a temporary name first: the old cache (if any) stays
     # complete and readable until the new files are swapped in by renames at the end
     signals_tmp, signals_sha, stats = _write_signals(out / "signals.npy", shape, order, where, blocks,
-                                                     scan.entries)
+                                                     scan.entries, dtype=dtype)
     del blocks
 
     meta = _metadata(scan.entries, order, scan.class_names, extras)
@@ -448,20 +533,21 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
         "sampling_rate": pp.sampling_rate,
         "n_samples": pp.n_samples,
         "shape": list(shape),
-        "dtype": "float32",
+        "dtype": dtype,
         "class_names": list(scan.class_names) if scan.class_names is not None else None,
         "counts": counts,
         "dataset_stats": stats,
         "files": files,
         "versions": versions(),
         "notes": list(scan.notes),
+        "integrity": dict(scan.integrity),  # duplicates dropped, paths and patients checked
         "plan_hash": plan["plan_hash"],
         "dropped": [[rid, reason] for rid, reason in dropped],
     }
 
 
-def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int = 64):
-    """Write ``signals.npy`` sequentially in cache order, hashing it and summing train statistics.
+def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int = 64, dtype: str = "float32"):
+    """Write ``signals.npy`` (``dtype``) in cache order, hashing it and summing train statistics.
 
     Returns (the written file, its sha256, train statistics or ``None``); the file has a
     temporary name, the caller renames it to ``path``.
@@ -469,7 +555,7 @@ def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int 
     digest = hashlib.sha256()
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
                  "shape": tuple(shape)})
     n_leads = shape[1]
     total, total_sq, count = np.zeros(n_leads), np.zeros(n_leads), 0
@@ -479,7 +565,7 @@ def _write_signals(path: Path, shape, order, where, blocks, entries, chunk: int 
         digest.update(header.getvalue())
         for start in range(0, len(order), chunk):
             rows = order[start:start + chunk]
-            block = np.empty((len(rows),) + tuple(shape[1:]), dtype=np.float32)
+            block = np.empty((len(rows),) + tuple(shape[1:]), dtype=dtype)
             for i, p in enumerate(rows):
                 k, j = where[p]
                 block[i] = blocks[k][j]
@@ -527,7 +613,11 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def open_cache(path: str | Path) -> tuple[RecordSet, dict]:
-    """The cached records (signals memory-mapped, read-only) and the manifest."""
+    """The cached records (signals memory-mapped, read-only) and the manifest.
+
+    ``signals`` has the cache's storage type (float16 for a float16 cache); the loaders and
+    every conversion in :func:`ssl4ecg.data.build.adapt_cached` give float32.
+    """
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     try:
@@ -536,9 +626,10 @@ def open_cache(path: str | Path) -> tuple[RecordSet, dict]:
         labels = np.load(path / "labels.npy") if manifest.get("class_names") is not None else None
     except (OSError, ValueError) as exc:
         raise DataError(f"cache {path} is damaged ({exc}); prepare it again with --force") from None
-    if list(signals.shape) != list(manifest["shape"]) or signals.dtype != np.float32:
-        raise DataError(f"cache {path}: signals.npy has shape {list(signals.shape)}, the manifest says "
-                        f"{manifest['shape']}; prepare it again with --force")
+    dtype = manifest.get("dtype", "float32")
+    if list(signals.shape) != list(manifest["shape"]) or signals.dtype != np.dtype(dtype):
+        raise DataError(f"cache {path}: signals.npy holds {list(signals.shape)} {signals.dtype}, the manifest "
+                        f"says {manifest['shape']} {dtype}; prepare it again with --force")
     extra = {k[len("extra_"):]: meta[k] for k in meta.files if k.startswith("extra_")}
     records = RecordSet(
         signals=signals,
@@ -551,6 +642,7 @@ def open_cache(path: str | Path) -> tuple[RecordSet, dict]:
         class_names=tuple(manifest.get("class_names") or ()),
         extra=extra,
         dropped=[(str(r), str(reason)) for r, reason in manifest.get("dropped", [])],
+        integrity=dict(manifest.get("integrity", {})),
     )
     return records, manifest
 

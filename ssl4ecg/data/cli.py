@@ -106,7 +106,7 @@ def info_command(
     table.add_column("value")
     table.add_row("source", f"{m['source']}  {escape(_fmt(m.get('options', {})))}")
     table.add_row("records", f"{counts['records']} of {counts['listed']} listed, {counts['dropped']} dropped")
-    table.add_row("shape", f"{m['shape']} {m['dtype']} ({_size(m['shape'])})")
+    table.add_row("shape", f"{m['shape']} {m['dtype']} ({_size(m['shape'], m['dtype'])})")
     table.add_row("signal", f"{m['sampling_rate']:g} Hz, {m['preprocessing']['seconds']:g} s, "
                             f"leads {' '.join(m['leads'])}")
     table.add_row("preprocessing", escape(_fmt({k: v for k, v in m["preprocessing"].items()
@@ -137,8 +137,8 @@ def _fmt(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-def _size(shape) -> str:
-    n = 4
+def _size(shape, dtype: str = "float32") -> str:
+    n = 2 if dtype == "float16" else 4
     for s in shape:
         n *= int(s)
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
