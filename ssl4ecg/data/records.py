@@ -8,9 +8,56 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ssl4ecg.errors import DataError
 from ssl4ecg.interfaces import Batch, SignalSpec
 
 SPLITS = ("train", "val", "test")
+
+
+def split_crossings(patient_ids: Sequence[str], splits: Sequence[str],
+                    record_ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """Patients with records in more than one of train/val/test: patient -> split -> record ids.
+
+    Records without a split (``""``) are not used for training or evaluation and never count.
+    """
+    seen: dict[str, dict[str, list[str]]] = {}
+    for patient, split, rid in zip(patient_ids, splits, record_ids):
+        if split in SPLITS and str(patient):
+            seen.setdefault(str(patient), {}).setdefault(str(split), []).append(str(rid))
+    return {p: by_split for p, by_split in seen.items() if len(by_split) > 1}
+
+
+def check_patient_splits(patient_ids: Sequence[str], splits: Sequence[str], record_ids: Sequence[str],
+                         *, where: str, hint: str = "") -> dict:
+    """Raise :class:`DataError` when a patient has records in two splits; else the counts checked.
+
+    The error names up to five patients with their records per split; ``hint`` says where the
+    split assignment came from and how to fix it. Returns ``patients_checked`` (patients with
+    a split) and ``patients_with_several_records`` for the cache manifest.
+    """
+    crossing = split_crossings(patient_ids, splits, record_ids)
+    if crossing:
+        shown = []
+        for patient in sorted(crossing)[:5]:
+            parts = []
+            for split in SPLITS:
+                rids = crossing[patient].get(split)
+                if rids:
+                    more = f" +{len(rids) - 3} more" if len(rids) > 3 else ""
+                    plural = "s" if len(rids) > 1 else ""
+                    parts.append(f"{split} (record{plural} {', '.join(rids[:3])}{more})")
+            shown.append(f"patient {patient}: {', '.join(parts)}")
+        more = f"; and {len(crossing) - 5} more patients" if len(crossing) > 5 else ""
+        raise DataError(
+            f"{where}: {len(crossing)} patient{'s have' if len(crossing) > 1 else ' has'} records in "
+            f"more than one split, so the same person would be trained on and evaluated on: "
+            f"{'; '.join(shown)}{more}. {hint or 'Assign every patient to one split.'}".rstrip())
+    records_of: dict[str, int] = {}
+    for patient, split in zip(patient_ids, splits):
+        if split in SPLITS and str(patient):
+            records_of[str(patient)] = records_of.get(str(patient), 0) + 1
+    return {"patients_checked": len(records_of),
+            "patients_with_several_records": sum(n > 1 for n in records_of.values())}
 
 
 @dataclass
@@ -35,6 +82,9 @@ class RecordSet:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     #: records a source could not read: list of (record id or file, reason)
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    #: results of the listing checks (duplicates dropped, patients checked, paths confined),
+    #: for the cache manifest; see :func:`ssl4ecg.data.sources.base.check_scan`
+    integrity: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.signals)
@@ -54,6 +104,20 @@ class RecordSet:
 
     def __len__(self) -> int:
         return len(self.signals)
+
+    def check_integrity(self, where: str = "records") -> dict:
+        """Raise :class:`DataError` on repeated record ids or a patient in two splits; else the counts.
+
+        The same checks :func:`ssl4ecg.data.sources.base.check_scan` runs on a source's listing,
+        for RecordSets built some other way (a plugin's ``load()``, an opened cache).
+        """
+        ids, counts = np.unique(self.record_ids, return_counts=True)
+        if (counts > 1).any():
+            repeated = [f"{rid} x{n}" for rid, n in zip(ids[counts > 1], counts[counts > 1])]
+            raise DataError(
+                f"{where}: {len(repeated)} record ids occur more than once ({', '.join(repeated[:5])}"
+                f"{', ...' if len(repeated) > 5 else ''}); every record must have its own id.")
+        return check_patient_splits(self.patient_ids, self.splits, self.record_ids, where=where)
 
     @property
     def n_samples(self) -> int:
@@ -90,6 +154,7 @@ class RecordSet:
             labels=None if self.labels is None else self.labels[index],
             extra={k: v[index] for k, v in self.extra.items()},
             dropped=list(self.dropped),
+            integrity=dict(self.integrity),
         )
 
     def split(self, *names: str) -> "RecordSet":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ssl4ecg.data.sources.base import (
     RawRecord, RecordEntry, RecordSource, Scan, check_choice, check_fractions, parse_age,
-    parse_sex, read_split_file, require_dir, seeded_splits,
+    parse_sex, read_split_file, real_root, require_dir, seeded_splits,
 )
 from ssl4ecg.data.sources.wfdb_io import parse_header, read_record
 from ssl4ecg.errors import DataError
@@ -79,13 +79,36 @@ def class_names_of(label_map: str) -> tuple[str, ...] | None:
 
 
 def find_files(root: Path, suffix: str) -> list[Path]:
-    """Every file under ``root`` ending in ``suffix`` (case-insensitive), sorted, hidden ones skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.lower().endswith(suffix) and not name.startswith("."):
-                found.append(Path(dirpath) / name)
+    """Every file under ``root`` ending in ``suffix`` (case-insensitive), sorted, hidden ones skipped.
+
+    Symlinked folders are not entered; a symlinked file that leads outside ``root`` is a
+    :class:`DataError` (records are only read from inside the dataset folder).
+    """
+    found, outside = [], []
+    inside = str(real_root(root)).rstrip(os.sep) + os.sep
+    stack = [str(root)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                items = list(it)
+        except OSError:
+            continue
+        for item in items:
+            if item.name.startswith("."):
+                continue
+            if item.is_dir():
+                if not item.is_symlink():
+                    stack.append(item.path)
+            elif item.name.lower().endswith(suffix):
+                if item.is_symlink() and not os.path.realpath(item.path).startswith(inside):
+                    outside.append(f"{item.path} -> {os.path.realpath(item.path)}")
+                found.append(Path(item.path))
+    if outside:
+        raise DataError(
+            f"{len(outside)} {suffix} file{'s' if len(outside) > 1 else ''} under {root} "
+            f"{'are symlinks' if len(outside) > 1 else 'is a symlink'} leading outside it "
+            f"({'; '.join(outside[:3])}{'; ...' if len(outside) > 3 else ''}); records are only read "
+            f"from inside the dataset folder: copy the files in or point [data] path at their folder.")
     return sorted(found)
 
 
@@ -148,7 +171,7 @@ class CinCSource(RecordSource):
         for hea in headers:
             rid = record_id_of(hea, root)
             try:
-                header = parse_header(hea)
+                header = parse_header(hea, root)
             except DataError as exc:
                 dropped.append((rid, str(exc)))
                 continue
@@ -166,7 +189,8 @@ class CinCSource(RecordSource):
             extra = header_extra(fields)
             extra["dx"] = ",".join(codes)
             extra["dx_unmapped"] = ",".join(other) if class_names is not None else ""
-            entries.append(RecordEntry(rid, str(hea.with_suffix("")), rid, "", tuple(labels), extra))
+            entries.append(RecordEntry(rid, str(hea.with_suffix("")), rid, "", tuple(labels), extra,
+                                       origin=f"found as {hea.relative_to(root)}"))
         if unmapped:
             invalid = sorted(c for c in unmapped if not c.isdigit())
             top = sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
@@ -176,7 +200,12 @@ class CinCSource(RecordSource):
             if invalid:
                 notes.append(f"cinc: Dx values that are not SNOMED-CT codes: {', '.join(invalid[:10])}")
         entries = self._assign_splits(entries, notes)
-        return Scan(entries, class_names, dropped, notes)
+        split_origin = f"folds file {self.folds_file}" if self.folds_file else ""
+        return Scan(entries, class_names, dropped, notes, root=str(root), split_origin=split_origin)
+
+    def entry_files(self, entry: RecordEntry) -> list[str]:
+        """The record's header (it names the signal file, checked when parsed)."""
+        return [entry.locator + ".hea"]
 
     def _assign_splits(self, entries: list[RecordEntry], notes: list[str]) -> list[RecordEntry]:
         """Splits from the folds file, or from the seeded stratified rule."""
@@ -194,7 +223,7 @@ class CinCSource(RecordSource):
 
     def read(self, entry: RecordEntry) -> RawRecord:
         """The record's signal (MAT v4 ``val`` read directly; other files through wfdb/scipy)."""
-        header, signal = read_record(entry.locator)
+        header, signal = read_record(entry.locator, root=self.path)
         if not header.signals:
             raise DataError(f"{entry.locator}.hea describes no signal")
         return RawRecord(signal, header.lead_names, header.fs)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ssl4ecg.data.sources.base import (
-    RawRecord, RecordEntry, RecordSource, Scan, check_fractions, read_split_file, require_dir,
-    seeded_splits,
+    RawRecord, RecordEntry, RecordSource, Scan, check_fractions, drop_duplicate_rows, outside_root,
+    read_split_file, real_root, require_dir, seeded_splits,
 )
 from ssl4ecg.errors import DataError
 from ssl4ecg.interfaces import STANDARD_LEADS
@@ -82,13 +82,18 @@ class Code15Source(RecordSource):
         parts = sorted(root.glob("*.hdf5")) + sorted(root.glob("*.h5"))
         if not parts:
             raise DataError(f"CODE-15% at {root} has no exams_part*.hdf5 file; get them from {URL}")
+        outside = {p: real for p, real in outside_root(map(str, parts), real_root(root)).items() if real}
+        if outside:
+            raise DataError(f"CODE-15% at {root}: HDF5 part{'s' if len(outside) > 1 else ''} "
+                            + "; ".join(f"{p} leads to {real}" for p, real in list(outside.items())[:3])
+                            + f", outside the dataset root; copy the parts into {root}.")
         table = pd.read_csv(csv_path)
         needed = {"exam_id", *(CLASSES if self.labelled else ())}
         if not needed <= set(table.columns):
             raise DataError(f"{csv_path} lacks columns {sorted(needed - set(table.columns))}")
-        table = table.drop_duplicates("exam_id").set_index("exam_id")
+        table, integrity, notes = drop_duplicate_rows(table, "exam_id", csv_path, "code15")
+        table = table.set_index("exam_id")
         dropped: list[tuple[str, str]] = []
-        notes: list[str] = []
         located = []  # (part path, row, exam id)
         for part in parts:
             try:
@@ -128,7 +133,8 @@ class Code15Source(RecordSource):
                 extra["age"] = float(ages[i])
             if males is not None:
                 extra["sex"] = math.nan if _nan(males[i]) else (0.0 if _truthy(males[i]) else 1.0)
-            entries.append(RecordEntry(rid, (part, row), patient, "", labels, extra))
+            entries.append(RecordEntry(rid, (part, row), patient, "", labels, extra,
+                                       origin=f"{Path(part).name} row {row}"))
         if not entries:
             raise DataError(f"CODE-15% at {root}: no exam could be listed. "
                             + "; ".join(r for _, r in dropped[:3]))
@@ -141,7 +147,10 @@ class Code15Source(RecordSource):
                                    test_fraction=self.test_fraction)
 
         entries = [replace(e, split=s) for e, s in zip(entries, splits)]
-        return Scan(entries, CLASSES if self.labelled else None, dropped, notes)
+        split_origin = (f"folds file {self.folds_file} (patients from patient_id of {csv_path})"
+                        if self.folds_file else "")
+        return Scan(entries, CLASSES if self.labelled else None, dropped, notes, root=str(root),
+                    split_origin=split_origin, integrity=integrity)
 
     def _file(self, name: str):
         import h5py

@@ -108,7 +108,8 @@ class CPSC2018Source(RecordSource):
                 if not labels:
                     dropped.append((rid, f"not listed in {ref_path.name} (no label)"))
                     continue
-            entries.append(RecordEntry(rid, str(f), rid, "", labels, {}))
+            entries.append(RecordEntry(rid, str(f), rid, "", labels, {},
+                                       origin=f"found as {f.relative_to(root)}"))
         if reference is not None:
             present = {f.stem for f in files}
             missing = sorted(set(reference) - present)
@@ -124,7 +125,9 @@ class CPSC2018Source(RecordSource):
                                    test_fraction=self.test_fraction)
 
         entries = [replace(e, split=s) for e, s in zip(entries, splits)]
-        return Scan(entries, CPSC2018_CLASSES if reference is not None else None, dropped, notes)
+        split_origin = f"folds file {self.folds_file}" if self.folds_file else ""
+        return Scan(entries, CPSC2018_CLASSES if reference is not None else None, dropped, notes,
+                    root=str(root), split_origin=split_origin)
 
     def read(self, entry: RecordEntry) -> RawRecord:
         """Load the ``ECG`` struct: ``data`` in mV at 500 Hz, plus age and sex."""

@@ -47,21 +47,26 @@ class FolderSource(RecordSource):
         for hea in headers:
             rid = record_id_of(hea, root)
             try:
-                header = parse_header(hea)
+                header = parse_header(hea, root)
             except DataError as exc:
                 dropped.append((rid, str(exc)))
                 continue
             entries.append(RecordEntry(rid, str(hea.with_suffix("")), rid, "", (),
-                                       header_extra(header.comment_fields())))
+                                       header_extra(header.comment_fields()),
+                                       origin=f"found as {hea.relative_to(root)}"))
         splits = seeded_splits([() for _ in entries], [e.patient_id for e in entries],
                                seed=self.split_seed, val_fraction=self.val_fraction,
                                test_fraction=self.test_fraction)
         entries = [replace(e, split=s) for e, s in zip(entries, splits)]
-        return Scan(entries, None, dropped, [])
+        return Scan(entries, None, dropped, [], root=str(root))
+
+    def entry_files(self, entry: RecordEntry) -> list[str]:
+        """The record's header (it names the signal file, checked when parsed)."""
+        return [entry.locator + ".hea"]
 
     def read(self, entry: RecordEntry) -> RawRecord:
         """The record's signal through the fast WFDB reader (wfdb for unusual formats)."""
-        header, signal = read_record(entry.locator)
+        header, signal = read_record(entry.locator, root=self.path)
         if not header.signals:
             raise DataError(f"{entry.locator}.hea describes no signal")
         return RawRecord(signal, header.lead_names, header.fs)

@@ -12,6 +12,11 @@ statements with likelihood >= ``min_likelihood`` are aggregated through
 Classes are the labels that occur in the kept records, sorted by name. Records without any
 label in the task are dropped with a reason; ``single_label`` keeps only records with exactly
 one label (multi-class). Splits come from ``strat_fold`` (default 1-8 train, 9 val, 10 test).
+
+``ptbxl_database.csv`` is checked: a row repeated exactly is dropped with a note, an
+``ecg_id`` on two rows that differ (another ``strat_fold``, other codes) is an error, the
+``filename_lr``/``filename_hr`` paths must stay inside ``path``, and no patient may have
+records in two splits (the official folds keep patients apart).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import os
 from pathlib import Path
 
 from ssl4ecg.data.sources.base import (
-    RawRecord, RecordEntry, RecordSource, Scan, check_choice, parse_age, require_dir,
+    RawRecord, RecordEntry, RecordSource, Scan, check_choice, drop_duplicate_rows, parse_age,
+    require_dir,
 )
 from ssl4ecg.data.sources.wfdb_io import read_record
 from ssl4ecg.errors import ConfigError, DataError
@@ -132,13 +138,16 @@ class PTBXLSource(RecordSource):
         notes: list[str] = []
         folder, column, rate = self._choose_release(root, notes)
         table = self._statements(root)
-        db = pd.read_csv(root / "ptbxl_database.csv")
+        csv_path = root / "ptbxl_database.csv"
+        db = pd.read_csv(csv_path)
         needed = {"ecg_id", "scp_codes", "strat_fold", column}
         if not needed <= set(db.columns):
-            raise DataError(f"{root / 'ptbxl_database.csv'} lacks columns {sorted(needed - set(db.columns))}")
+            raise DataError(f"{csv_path} lacks columns {sorted(needed - set(db.columns))}")
+        db, integrity, repeat_notes = drop_duplicate_rows(db, "ecg_id", csv_path, "ptbxl")
+        notes.extend(repeat_notes)
         entries: list[RecordEntry] = []
         dropped: list[tuple[str, str]] = []
-        for row in db.itertuples(index=False):
+        for row in db.itertuples(index=True):
             rid = str(int(row.ecg_id))
             try:
                 codes = ast.literal_eval(row.scp_codes) if isinstance(row.scp_codes, str) else {}
@@ -171,15 +180,23 @@ class PTBXLSource(RecordSource):
                 split=self.folds.get(fold, ""),
                 labels=tuple(labels),
                 extra=extra,
+                origin=f"{csv_path.name} line {row.Index + 2}, {column} {filename!r}",
             ))
         class_names = tuple(sorted({c for e in entries for c in e.labels}))
         if not self.folds.keys() & set(int(f) for f in db["strat_fold"].dropna()):
             notes.append("PTB-XL: none of the configured folds occurs in strat_fold")
-        return Scan(entries, class_names, dropped, notes)
+        split_origin = (f"strat_fold of {csv_path}; the official PTB-XL folds keep every patient in "
+                        f"one fold, so the file was modified or is corrupt: restore it from {URL}")
+        return Scan(entries, class_names, dropped, notes, root=str(root), split_origin=split_origin,
+                    integrity=integrity)
+
+    def entry_files(self, entry: RecordEntry) -> list[str]:
+        """The record's header (it names the signal file, checked when read)."""
+        return [entry.locator + ".hea"]
 
     def read(self, entry: RecordEntry) -> RawRecord:
         """The record's WFDB file from the chosen release folder."""
-        header, signal = read_record(entry.locator)
+        header, signal = read_record(entry.locator, root=self.path)
         return RawRecord(signal, header.lead_names, header.fs)
 
 

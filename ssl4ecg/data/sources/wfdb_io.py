@@ -9,18 +9,25 @@ with a byte offset). Everything else (multi-segment records, other formats, seve
 samples per frame, MAT v5 files) goes through :func:`wfdb.rdrecord` or
 :func:`scipy.io.loadmat`. Every problem is one :class:`~ssl4ecg.errors.DataError` naming
 the file.
+
+The files a header names (signal files, segments) must lie inside the dataset root (or the
+header's folder when no root is given) once symlinks are resolved; a header must list as
+many signals as it declares, with distinct lead names.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from ssl4ecg.data.preprocess import canonical_lead
 from ssl4ecg.errors import DataError
 
 _FORMAT_RE = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")
@@ -80,9 +87,23 @@ def _bad(path: Path, what: str) -> DataError:
     return DataError(f"corrupt WFDB header {path}: {what}")
 
 
-def parse_header(path: str | Path) -> Header:
-    """Parse a ``.hea`` file; a :class:`DataError` names the file and the faulty line."""
+def parse_header(path: str | Path, root: str | Path | None = None) -> Header:
+    """Parse a ``.hea`` file; a :class:`DataError` names the file and the faulty line.
+
+    The header and the files it names must lie inside ``root``, symlinks resolved; without
+    a root, the files it names must lie in the header's folder (or below it).
+    """
     path = Path(path)
+    folder = _real_folder(path)
+    if root is not None:
+        inside, where = _real(root), "the dataset root"
+        real = os.path.join(folder, path.name)
+        real = os.path.realpath(real) if os.path.islink(real) else real
+        if not _within(real, inside):
+            raise DataError(f"WFDB header {path} leads to {real}, outside the dataset root {inside}; "
+                            f"records must lie inside the dataset folder")
+    else:
+        inside, where = folder, "the header's folder"
     try:
         text = path.read_bytes().decode("latin-1")
     except OSError as exc:
@@ -106,13 +127,70 @@ def parse_header(path: str | Path) -> Header:
     if n_sig < 0 or not math.isfinite(fs) or fs <= 0 or (n_samples is not None and n_samples < 0):
         raise _bad(path, f"record line '{body[0]}' has impossible values")
     header = Header(path, name, n_sig, fs, n_samples, comments=comments, multi_segment=multi)
-    if multi:
-        return header  # segment lines follow; read through wfdb
+    if multi:  # segment lines follow; read through wfdb, but only from inside the dataset
+        for line in body[1:1 + n_sig]:
+            segment = line.split()[0]
+            if segment != "~":
+                seg = path.parent / (segment + ".hea")
+                _confine(path, segment, folder, inside, where, "segment", ".hea")
+                if seg.is_file():
+                    parse_header(seg, inside)
+        return header
     if len(body) < 1 + n_sig:
         raise _bad(path, f"{n_sig} signals announced, {len(body) - 1} signal lines found")
+    if len(body) > 1 + n_sig:
+        raise DataError(f"inconsistent WFDB header {path}: declares {n_sig} signals, lists "
+                        f"{len(body) - 1} signal lines")
     for line in body[1:1 + n_sig]:
         header.signals.append(_parse_signal_line(path, line))
+    _check_unique_leads(path, header.lead_names)
+    for file_name in {s.file_name for s in header.signals}:
+        if file_name != "-":
+            _confine(path, file_name, folder, inside, where, "signal file")
     return header
+
+
+@lru_cache(maxsize=64)
+def _real(root: str | Path) -> str:
+    """The dataset root with ``~`` expanded and symlinks resolved (cached: one per dataset)."""
+    return os.path.realpath(os.path.expanduser(os.fspath(root)))
+
+
+def _within(real: str, inside: str) -> bool:
+    """Whether the resolved path ``real`` is ``inside`` or below it (string test: pathlib is slow)."""
+    return real == inside or real.startswith(inside.rstrip(os.sep) + os.sep)
+
+
+def _real_folder(path: Path) -> str:
+    """The resolved folder holding ``path`` (the files a header names are relative to it)."""
+    return os.path.realpath(path.parent)
+
+
+def _confine(header: Path, name: str, folder: str, inside: str, where: str, what: str,
+             suffix: str = "") -> None:
+    """:class:`DataError` when ``name`` (read from ``header``, relative to ``folder``) leaves ``inside``."""
+    real = os.path.join(folder, name + suffix)  # an absolute name replaces the folder
+    if os.sep in name or name in (".", "..") or os.path.islink(real):
+        real = os.path.realpath(real)
+    if not _within(real, inside):
+        raise DataError(f"WFDB header {header}: {what} '{name}' leads to {real}, outside {where} "
+                        f"{inside}; the files a header names must lie inside the dataset folder")
+
+
+def _check_unique_leads(path: Path, names) -> None:
+    """:class:`DataError` when two signals carry the same lead (``I`` twice, or ``I`` and ``DI``)."""
+    canonical = [canonical_lead(n) for n in names if str(n).strip()]
+    if len(set(canonical)) == len(canonical):
+        return
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if str(name).strip():
+            seen.setdefault(canonical_lead(name), []).append(i + 1)
+    repeated = {lead: pos for lead, pos in seen.items() if len(pos) > 1}
+    if repeated:
+        shown = "; ".join(f"{lead} (signals {', '.join(map(str, pos))})" for lead, pos in repeated.items())
+        raise DataError(f"WFDB header {path} has duplicate lead names: {shown}; which signal is the "
+                        f"lead is ambiguous, so the record is not used")
 
 
 def _parse_signal_line(path: Path, line: str) -> SignalInfo:
@@ -167,14 +245,15 @@ def _fast_readable(header: Header) -> bool:
         for s in header.signals))
 
 
-def read_record(record: str | Path) -> tuple[Header, np.ndarray]:
+def read_record(record: str | Path, root: str | Path | None = None) -> tuple[Header, np.ndarray]:
     """Header and physical signal ``[n_sig, T]`` float32 (invalid samples as NaN).
 
-    ``record`` is the record path without extension (``.../00009_lr``) or the ``.hea`` path.
+    ``record`` is the record path without extension (``.../00009_lr``) or the ``.hea`` path;
+    its files must lie inside ``root`` (see :func:`parse_header`).
     """
     record = Path(record)
     hea = record if record.suffix == ".hea" else record.with_name(record.name + ".hea")
-    header = parse_header(hea)
+    header = parse_header(hea, root)
     if not _fast_readable(header):
         return header, _read_with_wfdb(header)
     digital = _read_digital(header)  # [T, n_sig], frame-major as stored
@@ -353,6 +432,7 @@ def _read_with_wfdb(header: Header) -> np.ndarray:
     if rec.p_signal is None:
         raise DataError(f"WFDB record {record_path} has no signal")
     if header.multi_segment or not header.signals:
+        _check_unique_leads(header.path, rec.sig_name)
         header.signals = [SignalInfo(file_name="", fmt=0, name=n) for n in rec.sig_name]
         header.n_sig = len(rec.sig_name)
         header.fs = float(rec.fs)
