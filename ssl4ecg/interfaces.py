@@ -67,7 +67,14 @@ class Batch:
         return self.signal.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        """The batch with its tensors on ``device`` (``non_blocking`` copies from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """The batch with its tensors in page-locked memory (``torch.utils.data`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, move) -> "Batch":
         return replace(
             self,
             signal=move(self.signal),
@@ -80,15 +87,23 @@ class Batch:
 class StepInfo:
     """Where training stands, passed to objectives every step.
 
-    ``generator`` is the loop's CPU random generator for data-side randomness (masks,
-    augmentations, view sampling). Objectives draw from it, never from global state, so
-    that a checkpoint (which stores its state) resumes bit-exactly.
+    ``generator`` is the loop's CPU random generator for small host-side draws whose sizes
+    decide shapes (masks, crop offsets, view sampling). ``device_generator`` lives on the
+    batch's device and serves draws as large as the batch (augmentation noise), so nothing
+    full-size is drawn on the CPU and copied; on CPU it *is* ``generator``. Objectives draw
+    from these, never from global state, so that a checkpoint (which stores both states
+    for every rank) resumes bit-exactly.
     """
 
     step: int  # optimiser steps completed before this one
     total_steps: int  # the schedule horizon (all schedules are relative to it)
     epoch: int
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    device_generator: torch.Generator | None = None  # None: use ``generator``
+
+    def __post_init__(self) -> None:
+        if self.device_generator is None:
+            object.__setattr__(self, "device_generator", self.generator)
 
     @property
     def progress(self) -> float:
@@ -98,10 +113,15 @@ class StepInfo:
 
 @dataclass
 class LossOutput:
-    """What an objective returns for one batch: the loss to minimise and scalars to log."""
+    """What an objective returns for one batch: the loss to minimise and scalars to log.
+
+    ``logs`` values are floats or 0-dim tensors; return tensors (detached) rather than
+    calling ``float()`` / ``.item()`` on a device tensor: the loop reads them on the host
+    only at logging steps, so a GPU is never stalled by a step's logs.
+    """
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
     #: optional representation [B, D] of the batch, watched by the collapse monitor
     representation: torch.Tensor | None = None
 

@@ -98,3 +98,72 @@ num_threads = 1
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-6)
+
+
+SLOW_EVAL_PLUGIN = EXTERNAL_PLUGIN.replace("@hookimpl", '''
+import time
+
+from ssl4ecg.interfaces import Evaluator
+
+
+class SlowEvaluator(Evaluator):
+    """Takes longer than the process group's timeout (a long fine-tune stands in)."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+
+    def evaluate(self, encoder, records, context):
+        import torch.distributed
+
+        time.sleep(self.seconds)
+        return {"slept": self.seconds, "group_active": torch.distributed.is_initialized()}
+
+
+@hookimpl''').replace('    registry.add("objective", "predict_lead_rms", PredictLeadRms)',
+                      '    registry.add("objective", "predict_lead_rms", PredictLeadRms)\n'
+                      '    registry.add("evaluator", "slow_eval", SlowEvaluator)')
+
+
+def test_evaluation_longer_than_the_group_timeout_does_not_kill_the_job(tmp_path):
+    """Only rank 0 evaluates; the other ranks must not wait for it in a collective that times out."""
+    _install(tmp_path, "ext-slow-plugin", "ext_slow_plugin", SLOW_EVAL_PLUGIN)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "SSL4ECG_DIST_TIMEOUT_MINUTES": "0.1"}  # 6 s; the evaluator takes 15 s
+    recipe = tmp_path / "slow.toml"
+    recipe.write_text("""
+[run]
+name = "slow"
+[data]
+source = "synthetic"
+n_records = 64
+sampling_rate = 100.0
+[encoder]
+name = "tiny_conv"
+[objective]
+name = "predict_lead_rms"
+[train]
+epochs = 1
+max_steps = 2
+batch_size = 8
+precision = "fp32"
+num_threads = 1
+[[eval]]
+name = "slow_eval"
+seconds = 15.0
+""")
+    result = _torchrun(["run", str(recipe), "--out", str(tmp_path / "run")], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval"]["slow_eval"]["slept"] == 15.0
+    assert metrics["eval"]["slow_eval"]["group_active"] is False  # nobody waits on rank 0
+    assert metrics["pretrain"]["world_size"] == 2
+
+
+def test_a_bad_group_timeout_is_one_clear_error(tmp_path):
+    result = _ssl4ecg(["run", str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"),
+                       "--out", str(tmp_path / "r")],
+                      {"SSL4ECG_DIST_TIMEOUT_MINUTES": "soon", "TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "1",
+                       "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"})
+    assert result.returncode != 0
+    assert "SSL4ECG_DIST_TIMEOUT_MINUTES = 'soon' is not a positive number of minutes" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
