@@ -89,7 +89,8 @@ def run_one(name: str, overrides: list[str], args) -> tuple[str, int, float]:
     sets = [f"data.source='ptbxl'", f"data.path='{Path(args.data).resolve()}'", f"train.max_steps={args.steps}",
             "train.max_minutes=0.0", "train.num_threads=1", f"train.precision='{args.precision}'",
             f"run.seed={args.seed}", *PROTOCOL, *overrides]
-    cmd = [sys.executable, "-m", "ssl4ecg", "run", str(REPO / "recipes" / "jepa_small.toml"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "ssl4ecg", "run", str(REPO / "recipes" / "jepa_small.toml"), "--out", str(out),
+           "--overwrite"]  # an unfinished run is moved aside (never deleted) and redone
     for item in sets:
         cmd += ["--set", item]
     return _call(name, cmd, args)

@@ -72,7 +72,9 @@ def run(recipe: Path, run_dir: Path, log: Path) -> tuple[Path, int, float]:
     start = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as handle:
-        code = subprocess.call([sys.executable, "-m", "ssl4ecg", "run", str(recipe), "--out", str(run_dir)],
+        # an unfinished run from an interrupted benchmark is moved aside (never deleted) and redone
+        code = subprocess.call([sys.executable, "-m", "ssl4ecg", "run", str(recipe), "--out", str(run_dir),
+                                "--overwrite"],
                                stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return run_dir, code, time.time() - start
 

@@ -32,6 +32,8 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override a recipe value: section.key=value (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>/<timestamp>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="If --out is not empty, move it to OUT.old-<timestamp> first (never deletes)."),
 ) -> None:
     """Pretrain the recipe's encoder with its objective, then run its evaluators."""
     from ssl4ecg.recipe import load_recipe
@@ -44,7 +46,7 @@ def run(
         parsed = None if resume is not None else load_recipe(recipe, set_)
         if resume is not None and set_:
             raise Ssl4ecgError("--set cannot change a resumed run; its recipe.toml is fixed")
-        run_dir, metrics = run_recipe(parsed, out_dir=out, resume_dir=resume, console=console)
+        run_dir, metrics = run_recipe(parsed, out_dir=out, resume_dir=resume, console=console, overwrite=overwrite)
     except Ssl4ecgError as exc:
         _fail(exc)
         return
@@ -59,12 +61,14 @@ def eval_(
     recipe: Path = typer.Option(..., "--recipe", help="Recipe whose [data]/[eval_data] and [[eval]] are used."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe value: section.key=value."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for metrics.json (default: a new run dir)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="If --out is not empty, move it to OUT.old-<timestamp> first (never deletes)."),
 ) -> None:
     """Evaluate an existing encoder without retraining; writes the same metrics.json shape."""
     from ssl4ecg.evaluate import evaluate_saved_encoder
 
     try:
-        run_dir, metrics = evaluate_saved_encoder(encoder, recipe, set_, out)
+        run_dir, metrics = evaluate_saved_encoder(encoder, recipe, set_, out, overwrite=overwrite)
     except Ssl4ecgError as exc:
         _fail(exc)
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,18 @@ from ssl4ecg.run import Run, environment
 
 
 def evaluate_saved_encoder(encoder_path: Path, recipe_path: Path, overrides: list[str],
-                           out: Path | None = None) -> tuple[Path, dict[str, Any]]:
+                           out: Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
     """Evaluate the encoder at ``encoder_path`` with the data and [[eval]] entries of a recipe.
 
     The preprocessing the encoder was trained with (sampling rate, seconds, leads,
     normalisation, band-pass) overrides the recipe's, so the encoder is fed what it expects.
-    Writes ``metrics.json`` (same shape as a run's) into ``out``.
+    Writes ``metrics.json`` (same shape as a run's) into ``out``: a new folder, or an empty one.
+    ``out`` never is (or holds, or lies among the files of) the evaluated run or another training
+    run; a non-empty ``out`` is refused unless ``overwrite``, which moves it aside first.
+    Nothing is created until the encoder, the recipe and the data sizes passed their checks.
     """
+    from ssl4ecg.limits import check_run_resources
+    from ssl4ecg.rundirs import check_eval_out, claim_new_dir, claim_out_dir, release_unstarted, stamp
     from ssl4ecg.registry import get_registry
 
     registry = get_registry()
@@ -34,11 +38,22 @@ def evaluate_saved_encoder(encoder_path: Path, recipe_path: Path, overrides: lis
     recipe.objective = {}
     recipe.masker = {}
     recipe.train = {**recipe.train, "max_steps": 0}
-    if out is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(recipe.run.get("out_root", "runs")) / f"{recipe.run.get('name', 'run')}-eval" / stamp
-    run = Run(recipe, out, registry, need_training=False)
-    out.mkdir(parents=True, exist_ok=True)
+    default_parent = Path(recipe.run.get("out_root", "runs")) / f"{recipe.run.get('name', 'run')}-eval"
+    if out is not None:
+        check_eval_out(out, encoder_path)
+    run = Run(recipe, out if out is not None else default_parent, registry, need_training=False)
+    check_run_resources(run)
+    claim = claim_out_dir(out, overwrite, command="eval") if out is not None else claim_new_dir(default_parent, stamp())
+    out = run.run_dir = claim.path
+    try:
+        return _evaluate_into(run, encoder, Path(encoder_path), out)
+    except BaseException:
+        release_unstarted(claim)
+        raise
+
+
+def _evaluate_into(run: Run, encoder, encoder_path: Path, out: Path) -> tuple[Path, dict[str, Any]]:
+    """Write the evaluation of ``encoder`` into the claimed folder ``out``."""
     atomic_write_text(out / "recipe.toml", run.recipe.to_toml())
     atomic_write_json(out / "env.json", environment(run.device, run.precision))
     _, eval_records = run.load_data()

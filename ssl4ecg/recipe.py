@@ -22,7 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-import tomli_w
+try:
+    import tomli_w
+except ImportError:  # optional: a bare host without it writes recipes with dumps_toml's own writer
+    tomli_w = None
 
 from ssl4ecg.errors import ConfigError, did_you_mean
 from ssl4ecg.registry import check_type
@@ -59,9 +62,123 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "compile": False,  # torch.compile the objective
     "nan_policy": "stop",  # stop | skip: what a NaN/inf loss does
     "max_skipped": 10,  # with nan_policy = "skip": stop after this many skipped steps
+    "loader_workers": 0,  # processes building batches (0 = a background thread)
+    "pin_memory": "auto",  # auto (on when training on CUDA) | on | off
 }
 
 COMPONENT_SECTIONS = {"encoder": "encoder", "objective": "objective", "masker": "masker"}
+
+#: the largest integer a [run]/[train] key may hold (fits int64 arithmetic in every counter)
+MAX_INT = 2**62
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """What a [run]/[train] number means: its range (``low``/``high``, ``None`` = unbounded).
+
+    ``low_open`` makes ``low`` exclusive. Floats must also be finite; ``items`` checks every
+    element of a list and ``length`` its length.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    meaning: str = ""
+    length: int | None = None
+
+    def describe(self, kind: str) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_bound(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {_bound(self.high)}")
+        return f"{kind} {' and '.join(parts)}".strip()
+
+
+def _bound(value: float) -> str:
+    """A range limit as people read it: 2**62 rather than 4.61169e+18."""
+    if isinstance(value, int) and value >= 2**16:
+        for offset in (0, 1):
+            k = (value + offset).bit_length() - 1
+            if value + offset == 2**k:
+                return f"2**{k}" + (" - 1" if offset else "")
+    return f"{value:g}"
+
+
+#: one rule per numeric [run]/[train] key, checked by :func:`check_values` when a recipe is read
+VALUE_RULES: dict[tuple[str, str], ValueRule] = {
+    ("run", "seed"): ValueRule(0, 2**32 - 1, meaning="it seeds torch, numpy, random and the data order"),
+    ("train", "epochs"): ValueRule(1, MAX_INT, meaning="passes over the pretraining data; "
+                                                       "train.max_steps=0 skips pretraining"),
+    ("train", "batch_size"): ValueRule(1, 2**31 - 1, meaning="records per step and process"),
+    ("train", "loader_workers"): ValueRule(0, 256, meaning="processes building batches; 0 = a background thread"),
+    ("train", "lr"): ValueRule(0, low_open=True, meaning="the peak learning rate; "
+                                                        "train.max_steps=0 skips pretraining"),
+    ("train", "min_lr"): ValueRule(0, meaning="the learning rate at the end of the cosine schedule"),
+    ("train", "weight_decay"): ValueRule(0, meaning="AdamW's decoupled weight decay"),
+    ("train", "betas"): ValueRule(0, 1, high_open=True, length=2, meaning="AdamW's two moment decay rates"),
+    ("train", "warmup_epochs"): ValueRule(0, meaning="epochs of linear learning-rate warm-up"),
+    ("train", "max_steps"): ValueRule(-1, MAX_INT, meaning="-1 = no cap, 0 = skip pretraining"),
+    ("train", "max_minutes"): ValueRule(0, meaning="0 = no time budget"),
+    ("train", "grad_clip"): ValueRule(0, meaning="0 = off, else the largest global gradient norm"),
+    ("train", "accum_steps"): ValueRule(1, 2**20, meaning="micro-batches per optimiser step"),
+    ("train", "log_every"): ValueRule(1, MAX_INT, meaning="optimiser steps between log lines"),
+    ("train", "checkpoint_every"): ValueRule(1, MAX_INT, meaning="optimiser steps between checkpoints"),
+    ("train", "num_threads"): ValueRule(0, 2**16, meaning="0 keeps torch's default"),
+    ("train", "max_skipped"): ValueRule(0, MAX_INT, meaning="non-finite steps skipped before stopping"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_values(section: str, values: dict[str, Any], source: str = "<memory>") -> None:
+    """Check every number of [run]/[train] ``values`` against :data:`VALUE_RULES` (type, finite, range).
+
+    Raises :class:`ConfigError` with one line naming the key, the value, the allowed range and
+    what the key means.
+    """
+    import math
+
+    for key, value in values.items():
+        rule = VALUE_RULES.get((section, key))
+        if rule is None:
+            continue
+        default = (RUN_DEFAULTS if section == "run" else TRAIN_DEFAULTS)[key]
+        if rule.length is not None:
+            items = value if isinstance(value, (list, tuple)) else None
+            ok = items is not None and len(items) == rule.length
+            items = items if ok else []
+            kind = f"a list of {rule.length} numbers each"
+        else:
+            items = [value]
+            ok = True
+            kind = "an integer" if isinstance(default, int) else "a finite number"
+        for item in items:
+            if isinstance(default, int) and rule.length is None:
+                ok = ok and isinstance(item, int) and not isinstance(item, bool)
+            else:
+                ok = ok and _is_number(item) and math.isfinite(item)
+            if not ok:
+                break
+            if rule.low is not None:
+                ok = item > rule.low if rule.low_open else item >= rule.low
+            if ok and rule.high is not None:
+                ok = item < rule.high if rule.high_open else item <= rule.high
+        if not ok:
+            raise ConfigError(f"{source}: [{section}] {key} = {value!r} is invalid: it must be "
+                              f"{rule.describe(kind)} ({rule.meaning}).")
+    merged = {**TRAIN_DEFAULTS, **values} if section == "train" else {}
+    if merged and merged["min_lr"] > merged["lr"]:
+        raise ConfigError(f"{source}: [train] min_lr = {merged['min_lr']!r} is above lr = {merged['lr']!r}; "
+                          "the cosine schedule decays from lr down to min_lr, so make min_lr <= lr.")
+    if section == "run" and "name" in values:
+        name = values["name"]
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(f"{source}: [run] name = {name!r} is invalid: it names the run's folder under "
+                              "out_root, so use a non-empty name without / or \\ (e.g. name = \"jepa_small\").")
 
 
 @dataclass
@@ -89,7 +206,7 @@ class Recipe:
         return out
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        return dumps_toml(self.to_dict())
 
     def eval_id(self, index: int) -> str:
         """The id of evaluator ``index`` (its ``id`` key, else its name, numbered if repeated)."""
@@ -108,6 +225,76 @@ def _toml_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_toml_safe(v) for v in value]
     return value
+
+
+def dumps_toml(doc: dict[str, Any]) -> str:
+    """TOML text of ``doc`` (str, int, float incl. nan/inf, bool, lists, tables, arrays of tables).
+
+    Uses ``tomli_w`` when it is installed, else a small writer for exactly those types.
+    """
+    if tomli_w is not None:
+        return tomli_w.dumps(doc)
+    lines: list[str] = []
+    _write_table(lines, (), doc)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _write_table(lines: list[str], path: tuple[str, ...], table: dict[str, Any]) -> None:
+    """Append ``table``'s keys: scalars and inline arrays first, then its tables and arrays of tables."""
+    nested = {k: v for k, v in table.items() if isinstance(v, dict) or _is_table_array(v)}
+    for key, value in table.items():
+        if key not in nested:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value, (*path, key))}")
+    for key, value in nested.items():
+        full = ".".join(_toml_key(k) for k in (*path, key))
+        for entry in ([value] if isinstance(value, dict) else value):
+            lines += ["", f"[{full}]" if isinstance(value, dict) else f"[[{full}]]"]
+            _write_table(lines, (*path, key), entry)
+
+
+def _toml_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"TOML keys must be strings, got {key!r}")
+    bare = key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key)
+    return key if bare else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    escapes = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+    out = []
+    for c in text:
+        if c in escapes:
+            out.append(escapes[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any, path: tuple[str, ...]) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, path) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v, (*path, k))}" for k, v in value.items()) + "}"
+    raise ConfigError(f"recipe value {'.'.join(map(str, path))} = {value!r} ({type(value).__name__}) cannot be "
+                      "written as TOML; use a string, number, boolean, list or table")
 
 
 def parse_recipe(text: str, source: str = "<memory>") -> Recipe:
@@ -215,6 +402,8 @@ def _check_fixed(values: dict[str, Any], defaults: dict[str, Any], section: str,
     _check_choice(values, "precision", ("auto", "bf16", "fp32"), section, source)
     _check_choice(values, "eval_precision", ("fp32", "bf16", "train"), section, source)
     _check_choice(values, "nan_policy", ("stop", "skip"), section, source)
+    _check_choice(values, "pin_memory", ("auto", "on", "off"), section, source)
+    check_values(section, values, source)
 
 
 def _check_choice(values: dict[str, Any], key: str, choices: tuple[str, ...], section: str, source: str) -> None:

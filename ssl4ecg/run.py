@@ -43,8 +43,13 @@ def seed_everything(seed: int) -> None:
 
 
 def default_run_dir(recipe: Recipe) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(recipe.run.get("out_root", "runs")) / recipe.run.get("name", "run") / stamp
+    """Create and return a new ``out_root/name/<timestamp>`` folder (``<timestamp>-2``, ... when taken).
+
+    The folder is created atomically, so two runs started in the same second never share one.
+    """
+    from ssl4ecg.rundirs import claim_new_dir, stamp
+
+    return claim_new_dir(Path(recipe.run.get("out_root", "runs")) / recipe.run.get("name", "run"), stamp()).path
 
 
 def environment(device: torch.device, precision: str) -> dict[str, Any]:
@@ -133,11 +138,12 @@ class Run:
 
     def pretrain_loader(self, records):
         """The training loader over ``pretrain_splits`` (a view: memory-mapped caches stay mapped)."""
-        from ssl4ecg.data.build import pretrain_loader
+        from ssl4ecg.data.build import loader_options, pretrain_loader
         from ssl4ecg.data.loader import BatchLoader
 
         t = self.recipe.train
-        common = dict(seed=self.seed, rank=dist.rank(), world_size=dist.world_size())
+        common = dict(seed=self.seed, rank=dist.rank(), world_size=dist.world_size(),
+                      **loader_options(t, self.device))
         if records is None:  # a weighted mixture of caches
             return pretrain_loader(self.recipe.data, self.registry, int(t["batch_size"]), **common)
         splits = self.recipe.data["pretrain_splits"]
@@ -205,13 +211,15 @@ class Run:
             metrics["pretrain"] = {"steps": 0, "final_loss": None, "samples_per_s": 0.0, "seconds": 0.0,
                                    "note": "max_steps = 0: random initialisation"}
         eval_encoder = objective.representation_encoder()
+        # Training is the only collective work: leave the process group now, so that no rank
+        # waits in a barrier (and times the job out) while rank 0 evaluates alone.
+        dist.shutdown()
         if rank0:
             save_encoder(self.run_dir / "encoder.pt", eval_encoder, self.recipe.encoder["name"],
                          {k: v for k, v in self.recipe.encoder.items() if k != "name"}, self.recipe.data)
             atomic_write_json(metrics_path, metrics)
             if eval_records is not None:
                 metrics["eval"].update(self.evaluate(eval_encoder, eval_records, metrics, metrics_path))
-        dist.barrier()
         return metrics
 
     def eval_protocol_data(self) -> dict[str, Any]:
@@ -263,21 +271,61 @@ def _progress(console=None):
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, resume_dir: str | Path | None = None,
-               registry=None, console=None) -> tuple[Path, dict[str, Any]]:
-    """Run ``recipe`` into ``out_dir`` (default ``runs/<name>/<timestamp>``), or resume ``resume_dir``."""
+               registry=None, console=None, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Run ``recipe`` into ``out_dir`` (default ``runs/<name>/<timestamp>``), or resume ``resume_dir``.
+
+    Everything is validated (values, components, model and data sizes) before a folder is
+    created. A non-empty ``out_dir`` is refused unless ``overwrite``, which moves it to
+    ``out_dir.old-<timestamp>``; nothing is ever deleted. Under torchrun rank 0 claims the
+    folder and every rank uses its answer. A run that fails before training wrote anything
+    leaves no folder behind (see :func:`ssl4ecg.rundirs.release_unstarted`).
+    """
+    from ssl4ecg.limits import check_run_resources
+
     if resume_dir is not None:
+        if overwrite:
+            raise ConfigError("--overwrite starts a run afresh and --resume continues one; give only one of them")
         resume_dir = Path(resume_dir)
+        if out_dir is not None and Path(out_dir).absolute() != resume_dir.absolute():
+            raise ConfigError(f"--resume {resume_dir} continues that run in its own folder; drop --out {out_dir}")
         saved = resume_dir / "recipe.toml"
         if not saved.exists():
             raise ConfigError(f"--resume {resume_dir}: no recipe.toml there; is it an ssl4ecg run directory?")
         recipe = parse_recipe(saved.read_text(encoding="utf-8"), str(saved))
         run = Run(recipe, resume_dir, registry)
+        check_run_resources(run)
         return resume_dir, run.execute(resume=True, console=console)
-    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(recipe)
-    if dist.launched_by_torchrun():  # every rank must agree on rank 0's timestamped directory
-        from ssl4ecg.train.device import select_device
+    run = Run(recipe, Path(out_dir) if out_dir is not None else Path(recipe.run.get("out_root", "runs")), registry)
+    check_run_resources(run)
+    claim = _claim_run_dir(recipe, out_dir, overwrite)
+    run.run_dir = claim.path
+    try:
+        return claim.path, run.execute(resume=False, console=console)
+    except BaseException:
+        if dist.is_rank0():
+            from ssl4ecg.rundirs import release_unstarted
 
-        dist.init(select_device(recipe.run.get("device", "auto")).type)
-        run_dir = Path(dist.broadcast_object(str(run_dir)))
-    run = Run(recipe, run_dir, registry)
-    return run_dir, run.execute(resume=False, console=console)
+            release_unstarted(claim)
+        raise
+
+
+def _claim_run_dir(recipe: Recipe, out_dir: str | Path | None, overwrite: bool):
+    """Rank 0 claims the run folder (see :mod:`ssl4ecg.rundirs`); every rank gets its claim or its error."""
+    from ssl4ecg.rundirs import Claim, claim_out_dir
+
+    answer: tuple[str, str | None, bool, str | None] = ("", None, False, None)
+    if dist.is_rank0():
+        try:
+            if out_dir is not None:
+                claim = claim_out_dir(out_dir, overwrite=overwrite)
+            else:
+                claim = Claim(default_run_dir(recipe), created=True)
+            answer = ("", str(claim.path), claim.created, str(claim.moved_to) if claim.moved_to else None)
+        except ConfigError as exc:
+            answer = (str(exc), None, False, None)
+        except OSError as exc:
+            answer = (f"--out {out_dir}: {exc.strerror or exc}; choose a folder you can write to.", None, False, None)
+    answer = dist.broadcast_object(answer)
+    if answer[0]:
+        raise ConfigError(answer[0])
+    return Claim(Path(answer[1]), created=answer[2], moved_to=Path(answer[3]) if answer[3] else None)

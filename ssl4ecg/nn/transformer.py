@@ -121,8 +121,11 @@ class Block(nn.Module):
 def drop_path_rates(max_rate: float, depth: int) -> list[float]:
     """Stochastic-depth rates rising linearly from 0 (first block) to ``max_rate`` (last).
 
-    Same values as ``torch.linspace(0, max_rate, depth)``; a single block gets 0.
+    Same values as ``torch.linspace(0, max_rate, depth)``; a single block gets 0. More than
+    100,000 blocks is refused (ValueError) rather than listed: the list alone would exhaust memory.
     """
+    if depth > 100_000:
+        raise ValueError(f"depth = {depth} blocks cannot be built (at most 100,000); lower depth")
     if depth <= 1:
         return [0.0] * depth
     return [max_rate * i / (depth - 1) for i in range(depth)]
