@@ -158,6 +158,9 @@ def collect(load_entry_points: bool = True, extra_plugins: tuple[object, ...] = 
     from ssl4ecg.hooks import PluginLoadWarning, make_plugin_manager, plugin_package
 
     pm = make_plugin_manager(load_entry_points=load_entry_points)
+    if load_entry_points:
+        for plugin in _uninstalled_builtin_plugins():
+            pm.register(plugin)
     for plugin in extra_plugins:
         pm.register(plugin)
     registry = Registry()
@@ -176,3 +179,50 @@ def collect(load_entry_points: bool = True, extra_plugins: tuple[object, ...] = 
             )
     registry.current_package = "ssl4ecg"
     return registry
+
+
+def builtin_plugin_modules() -> list[str]:
+    """The built-in plugins' entry points when ssl4ecg runs from a source tree that is not installed.
+
+    Installed, the package's entry points announce them and this is ``[]``. Without the
+    package's distribution metadata (the repository on ``PYTHONPATH``) they are the values of
+    ``[project.entry-points."ssl4ecg"]`` in the repository's ``pyproject.toml``.
+    """
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution("ssl4ecg")
+        return []
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        return []
+    from ssl4ecg.recipe import tomllib
+
+    table = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    return sorted(set(table.get("project", {}).get("entry-points", {}).get("ssl4ecg", {}).values()))
+
+
+def _uninstalled_builtin_plugins() -> list[object]:
+    """Import :func:`builtin_plugin_modules` (``module`` or ``module:attribute``); warn for each that fails."""
+    import importlib
+
+    from ssl4ecg.hooks import PluginLoadWarning
+
+    plugins = []
+    for target in builtin_plugin_modules():
+        module_name, _, attribute = target.partition(":")
+        try:
+            plugin = importlib.import_module(module_name)
+            plugins.append(getattr(plugin, attribute) if attribute else plugin)
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the rest
+            warnings.warn(
+                f"built-in plugin '{target}' failed to load and is skipped: {type(exc).__name__}: {exc}. "
+                "ssl4ecg is not installed: put the repository's plugins/ folder on PYTHONPATH "
+                "or run `pip install -e .`",
+                PluginLoadWarning,
+                stacklevel=3,
+            )
+    return plugins
