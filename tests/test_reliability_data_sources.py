@@ -37,26 +37,7 @@ from ssl4ecg.interfaces import STANDARD_LEADS, DataSource
 from ssl4ecg.registry import Registry
 
 
-@pytest.fixture
-def registry():
-    reg = Registry()
-    register_real_sources(reg)
-    return reg
-
-
-def copy_ptbxl(shared, dest, n):
-    """The first ``n`` records of ptbxl-mini (database rows, statements, WFDB files) under ``dest``."""
-    src = shared / "ptbxl-mini"
-    db = pd.read_csv(src / "ptbxl_database.csv").head(n)
-    dest.mkdir()
-    db.to_csv(dest / "ptbxl_database.csv", index=False)
-    shutil.copy(src / "scp_statements.csv", dest)
-    for name in db["filename_lr"]:
-        for ext in (".hea", ".dat"):
-            target = dest / (name + ext)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src / (name + ext), target)
-    return db
+from test_data_corrupt import copy_ptbxl, registry  # noqa: E402,F401 - shared helpers and fixture
 
 
 def copy_cinc(shared, dest):

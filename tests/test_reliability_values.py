@@ -16,13 +16,9 @@ from typer.testing import CliRunner
 
 from ssl4ecg.cli import app
 
-runner = CliRunner()
-RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
-TINY = ["--set", "data.n_records=60", "--set", "data.sampling_rate=100.0", "--set", "encoder.dim=16",
-        "--set", "encoder.depth=1", "--set", "encoder.heads=2", "--set", "objective.predictor_dim=16",
-        "--set", "objective.predictor_depth=1", "--set", "objective.predictor_heads=2",
-        "--set", "train.batch_size=8", "--set", "train.max_minutes=0.0", "--set", "train.precision='fp32'",
-        "--set", "train.max_steps=2", "--set", "eval.0.name='knn'"]
+from test_reliability_outdirs import RECIPE, TINY as TINY_ANY_STEPS, runner  # noqa: E402 - shared CLI helpers
+
+TINY = [*TINY_ANY_STEPS, "--set", "train.max_steps=2"]
 
 CASES = [
     ("train.epochs=-5", "epochs = -5 is invalid"),
