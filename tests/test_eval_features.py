@@ -87,3 +87,24 @@ def test_bf16_autocast_path_close_to_fp32():
     assert b.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=0.05)
     assert not np.array_equal(a, b)  # bf16 really ran
+
+
+def test_a_record_with_nan_values_is_named_instead_of_scoring_nan():
+    """64 bytes of 0xFF in a cache read as NaN: evaluation must stop, not report auc nan."""
+    from ssl4ecg.errors import DataError
+
+    records = make_records()
+    records.signals[3, 0, 2:18] = np.frombuffer(b"\xff" * 64, dtype=np.float32)  # NaN bit patterns
+    with pytest.raises(DataError, match=r"1 record\(s\) hold NaN/inf signal values \(e.g. 3\).*--verify"):
+        extract_features(Recorder(), records, ctx())
+
+
+def test_an_encoder_giving_non_finite_features_is_named():
+    from ssl4ecg.errors import DataError
+
+    encoder = Recorder()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.fill_(float("inf"))
+    with pytest.raises(DataError, match="the encoder gives non-finite features for 10 record"):
+        extract_features(encoder, make_records(), ctx())

@@ -782,3 +782,46 @@ def test_interrupted_forced_reprepare_keeps_the_old_cache(ptbxl_files, tmp_path,
         prepare_cache(src, "folder", {"path": str(root), "x": 1}, PP, out, workers=1, force=True)
     assert json.loads((out / "manifest.json").read_text())["plan_hash"] == manifest["plan_hash"]
     assert open_cache(out)[0].record_ids.tolist() == [f"r{i}/00009_lr" for i in range(4)]
+
+
+# ----------------------------------------------------------------------------- a prepared cache's files
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """A small prepared cache (12 synthetic records) and its records, read back intact."""
+    from ssl4ecg.data.synthetic import SyntheticSource
+
+    out = tmp_path_factory.mktemp("small_cache") / "cache"
+    prepare_cache(SyntheticSource(n_records=12, sampling_rate=100.0, seconds=4.0, seed=1), "synthetic", {},
+                  Preprocessing(sampling_rate=100.0, seconds=4.0), out, workers=1)
+    return out, _records_of(open_cache(out)[0])
+
+
+def _records_of(records) -> dict:
+    return {"signals": np.array(records.signals), "record_ids": records.record_ids.tolist(),
+            "patient_ids": records.patient_ids.tolist(), "splits": records.splits.tolist(),
+            "labels": np.array(records.labels), "leads": records.leads, "rate": records.sampling_rate,
+            "extra": {k: np.asarray(v).tolist() for k, v in records.extra.items()}}
+
+
+@seed(SEED)
+@fuzz(120)
+@given(name=st.sampled_from(["signals.npy", "signals.npy", "labels.npy", "meta.npz", "manifest.json"]), ops=byte_ops)
+def test_fuzzed_cache_files_open_identically_or_fail_clearly(name, ops, small_cache, tmp_path):
+    """Flipped, inserted or deleted bytes and truncations of a cache file: the cache opens with
+    exactly the same records, or :func:`open_cache` raises one DataError naming the file."""
+    cache, expected = small_cache
+    with scratch(tmp_path) as root, bounded():
+        shutil.copytree(cache, root / "c")
+        blob = (cache / name).read_bytes()
+        (root / "c" / name).write_bytes(apply_bytes(ops, blob))
+        try:
+            records, _ = open_cache(root / "c")
+        except DataError as exc:
+            check_reason(str(exc))
+            assert name in str(exc) and "again" in str(exc)
+            return
+        got = _records_of(records)
+        for key in ("signals", "labels"):
+            np.testing.assert_array_equal(got.pop(key), expected[key])
+        assert got == {k: v for k, v in expected.items() if k not in ("signals", "labels")}

@@ -10,11 +10,19 @@ A cache folder holds
 * ``meta.npz`` -- ``record_ids``, ``patient_ids``, ``splits`` and ``extra_<name>`` arrays;
 * ``manifest.json`` -- written last and atomically: format and versions, source and its
   options, preprocessing, shape, class names, counts, per-lead train-split statistics,
-  SHA-256 checksums of the files above, notes, and every dropped record with its reason.
+  SHA-256 checksums of the files above, their sizes and sampled-page digests (``checks``),
+  notes, every dropped record with its reason, and a digest of the manifest itself.
+
+:func:`open_cache` (and ``ssl4ecg data info``) checks each file's size, the ``.npy`` header,
+the sampled-page digests and a sample of records for NaN/inf (milliseconds); a missing or damaged
+file is one :class:`DataError` naming it. :func:`verify_cache` (``data info --verify``) reads
+every byte: full SHA-256 and a NaN/inf scan. Caches written before the checks still open.
 
 :func:`prepare_cache` works in shards of records processed in parallel processes; each
 finished shard is saved under ``.work/`` (signal file first, its record list last, both by
-atomic rename), so an interrupted prepare resumes with the unfinished shards only. A
+atomic rename), so an interrupted prepare resumes with the unfinished shards only (a shard
+whose files are damaged or truncated is processed again; ``force`` reuses none). Workers die
+with the process that started them. A
 folder without ``manifest.json`` is never taken for a cache. While the workers run, the
 source's listing waits in ``.work/entries_*.pkl`` (one file per shard, read by the worker
 that processes it) instead of the parent's memory, so that the forked workers do not inherit
@@ -176,11 +184,34 @@ def read_in_memory(source, name: str, pp: Preprocessing, notes: list[str] | None
 _WORKER: dict[str, Any] = {}
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (Linux), and exit now if the
+    parent is already gone; elsewhere :func:`_run_shard` checks the parent between shards."""
+    if sys.platform.startswith("linux"):
+        try:
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl
+            pass
+    _exit_if_orphaned(parent)
+
+
+def _exit_if_orphaned(parent: int | None) -> None:
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)  # the prepare that started this worker is gone: stop writing shards
+
+
 def _init_worker(source: RecordSource, pp: Preprocessing, work: str, in_child: bool = True,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", parent: int | None = None) -> None:
     if in_child:
+        if parent is not None:
+            _die_with_parent(parent)
         source.worker_init()
-    _WORKER.update(source=source, pp=pp, work=Path(work), dtype=dtype)
+    _WORKER.update(source=source, pp=pp, work=Path(work), dtype=dtype, parent=parent if in_child else None)
     try:
         import torch
 
@@ -202,6 +233,34 @@ def _write_shard(work: Path, k: int, result: ShardResult) -> None:
     payload = {"positions": result.positions, "dropped": result.dropped,
                "extras": {str(p): _jsonable(v) for p, v in result.extras.items()}}
     _atomic_json(meta, payload)
+
+
+def _shard_ok(work: Path, k: int, n_entries: int, shape: tuple[int, int], dtype: str) -> bool:
+    """Whether shard ``k`` of an earlier run is finished and intact (its record list readable,
+    its signal file with a readable header, the expected shape and the full size); a damaged
+    shard's files are deleted, so that it is processed again."""
+    npy, meta = _shard_paths(work, k)
+    if not meta.exists():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+        kept = info["positions"]
+        ok = isinstance(kept, list) and len(kept) + len(info["dropped"]) == n_entries
+        with open(npy, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            header = (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(fh)
+            offset = fh.tell()
+        arr_shape, fortran, arr_dtype = header
+        expected = offset + int(np.prod(arr_shape, dtype=np.int64)) * arr_dtype.itemsize
+        ok = ok and not fortran and arr_dtype == np.dtype(dtype) and tuple(arr_shape) == (len(kept), *shape) \
+            and npy.stat().st_size == expected
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        ok = False
+    if not ok:
+        log.warning("shard %d in %s is damaged or incomplete; processing it again", k, work)
+        meta.unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
+    return ok
 
 
 def _entries_path(work: Path, k: int) -> Path:
@@ -241,6 +300,7 @@ def _release_memory() -> None:
 def _run_shard(k: int, positions: list[int]) -> tuple[int, int, int]:
     """Worker task: process one shard (its entries read from the work folder) and save it;
     returns (shard, kept, dropped)."""
+    _exit_if_orphaned(_WORKER.get("parent"))
     with open(_entries_path(_WORKER["work"], k), "rb") as fh:
         entries = pickle.load(fh)
     result = process_entries(_WORKER["source"], entries, positions, _WORKER["pp"])
@@ -277,6 +337,42 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: sampled-page digests: this many blocks of this many bytes, evenly spaced (first and last included)
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK = 1 << 16
+
+
+def _sample_offsets(size: int, blocks: int = SAMPLE_BLOCKS, block: int = SAMPLE_BLOCK) -> list[int]:
+    """Start of each sampled block; a file no bigger than all blocks together is read whole."""
+    if size <= blocks * block:
+        return list(range(0, size, block))
+    return sorted({int(o) for o in np.linspace(0, size - block, blocks).round()})
+
+
+def _sample_sha256(path: Path, size: int, blocks: int = SAMPLE_BLOCKS, block: int = SAMPLE_BLOCK) -> str:
+    """SHA-256 over the sampled blocks of ``path`` (with their offsets and the file size)."""
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for offset in _sample_offsets(size, blocks, block):
+            fh.seek(offset)
+            digest.update(offset.to_bytes(8, "little"))
+            digest.update(fh.read(block))
+    return digest.hexdigest()
+
+
+def _file_checks(path: Path) -> dict:
+    """Size and sampled-page digest of ``path`` (recorded in the manifest, checked at open)."""
+    size = path.stat().st_size
+    return {"size": size, "sample_sha256": _sample_sha256(path, size), "sample_blocks": SAMPLE_BLOCKS,
+            "sample_block": SAMPLE_BLOCK}
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without its own digest (checked when read)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(_jsonable(body), sort_keys=True).encode()).hexdigest()
 
 
 def default_workers(n_tasks: int) -> int:
@@ -359,6 +455,8 @@ def prepare_cache(
     ``signals.npy`` (:data:`CACHE_DTYPES`; float16 halves the file).
     """
     check_cache_dtype(dtype)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers = {workers!r} is invalid: give a number of processes >= 0 (0 = every core)")
     started = time.perf_counter()
     out = Path(out).expanduser()
     src = as_record_source(source, name)
@@ -368,10 +466,15 @@ def prepare_cache(
     plan = _plan(name, options, pp, scan, shard_size, dtype)
     existing = _check_out(out, force)
     if existing is not None:
-        if existing.get("plan_hash") == plan["plan_hash"] and all((out / f).exists() for f in existing.get("files", {})):
-            log.info("cache %s is up to date", out)
-            return existing
-        if not force:
+        if existing.get("plan_hash") == plan["plan_hash"] and not force:
+            try:
+                check_cache(out)
+            except DataError as exc:  # the same data, damaged: prepared again (nothing to lose)
+                log.warning("%s; preparing it again", exc)
+            else:
+                log.info("cache %s is up to date", out)
+                return existing
+        elif not force:
             raise ConfigError(
                 f"{out} already holds a cache of {existing.get('source')} prepared with other options "
                 f"or another version of the data; pass --force to replace it or choose another --out")
@@ -381,6 +484,9 @@ def prepare_cache(
     work = out / WORK
     work.mkdir(exist_ok=True)
     plan_path = work / "plan.json"
+    if force:  # --force starts clean: no shard of an earlier run is reused
+        for stale in work.iterdir():
+            stale.unlink()
     if plan_path.exists():
         try:
             old = json.loads(plan_path.read_text()).get("plan_hash")
@@ -393,7 +499,8 @@ def prepare_cache(
 
     n = len(scan.entries)
     shards = [(k, list(range(s, min(n, s + shard_size)))) for k, s in enumerate(range(0, n, shard_size))]
-    todo = [(k, pos) for k, pos in shards if not _shard_paths(work, k)[1].exists()]
+    shape = (len(pp.leads), pp.n_samples)
+    todo = [(k, pos) for k, pos in shards if not _shard_ok(work, k, len(pos), shape, dtype)]
     done_records = n - sum(len(p) for _, p in todo)
     n_workers = default_workers(len(todo)) if workers <= 0 else max(1, min(workers, len(todo)))
     # the listing (about 1 KB per record) waits on disk while the workers run: forked after
@@ -411,6 +518,7 @@ def prepare_cache(
     manifest["timings"] = {"scan": round(t_scan - started, 3), "process": round(t_assemble - t_run, 3),
                            "assemble": round(done - t_assemble, 3), "records_processed": sum(len(p) for _, p in todo)}
     manifest["workers"] = n_workers
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     _atomic_json(out / "manifest.json", manifest)
     for f in work.iterdir():
         f.unlink()
@@ -430,8 +538,9 @@ def _run(src, pp, work, todo, n_workers, progress, done, total, dtype="float32")
                 callback(done, total)
             return
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        initargs = (src, pp, str(work), True, dtype, os.getpid())  # the workers die with this process
         with cf.ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method),
-                                    initializer=_init_worker, initargs=(src, pp, str(work), True, dtype)) as pool:
+                                    initializer=_init_worker, initargs=initargs) as pool:
             futures = [pool.submit(_run_shard, k, pos) for k, pos in todo]
             try:
                 for fut in cf.as_completed(futures):
@@ -507,6 +616,7 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
     with open(staged["meta.npz"], "wb") as fh:
         np.savez(fh, **arrays)
     files = {f: signals_sha if f == "signals.npy" else _sha256(tmp) for f, tmp in staged.items()}
+    checks = {f: _file_checks(tmp) for f, tmp in staged.items()}
     # the old manifest goes first, so that it never describes the new files
     (out / "manifest.json").unlink(missing_ok=True)
     for f, tmp in staged.items():
@@ -538,6 +648,7 @@ def _assemble(out: Path, work: Path, scan: Scan, plan: dict, pp: Preprocessing, 
         "counts": counts,
         "dataset_stats": stats,
         "files": files,
+        "checks": checks,  # size and sampled-page digest per file: verified by every open_cache
         "versions": versions(),
         "notes": list(scan.notes),
         "integrity": dict(scan.integrity),  # duplicates dropped, paths and patients checked
@@ -604,55 +715,156 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{manifest_path} is unreadable ({exc}); prepare the cache again") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{manifest_path} is not an ssl4ecg cache manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{manifest_path} is not an ssl4ecg cache manifest (damaged or foreign); "
+                        f"prepare the cache again")
+    digest = manifest.get("manifest_sha256")
+    if (digest is not None or "checks" in manifest) and digest != _manifest_digest(manifest):
+        raise DataError(f"cache {path}: manifest.json is damaged (its content differs from its checksum); "
+                        f"prepare the cache again with `ssl4ecg data prepare ... --out {path} --force`")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DataError(f"{manifest_path} is damaged: format_version = {version!r}; prepare the cache again")
+    if version > FORMAT_VERSION:
         raise DataError(f"cache {path} has format version {manifest['format_version']}; this ssl4ecg "
                         f"reads up to {FORMAT_VERSION}: upgrade ssl4ecg or prepare the cache again")
     return manifest
 
 
+def _damaged(path: Path, name: str, why: str) -> DataError:
+    return DataError(f"cache {path}: {name} {why}; prepare the cache again with `ssl4ecg data prepare ... "
+                     f"--out {path} --force`")
+
+
+def _expected_files(manifest: dict) -> list[str]:
+    names = list(manifest.get("files", {}))
+    if not names:  # a manifest without checksums: the files it implies
+        names = ["signals.npy", "meta.npz"] + (["labels.npy"] if manifest.get("class_names") is not None else [])
+    return names
+
+
+def check_cache(path: str | Path, manifest: dict | None = None) -> dict:
+    """The cheap integrity check every :func:`open_cache` runs; returns the manifest.
+
+    Every file is present with the recorded size and sampled-page digest (caches prepared before
+    the digests existed: presence only), ``signals.npy`` has a readable header matching the
+    manifest, and a sample of its records is finite. A failure is one :class:`DataError`
+    naming the file and saying to prepare the cache again.
+    """
+    path = Path(path).expanduser()
+    manifest = read_manifest(path) if manifest is None else manifest
+    checks = manifest.get("checks") or {}
+    for name in _expected_files(manifest):
+        file = path / name
+        if not file.is_file():
+            raise _damaged(path, name, "is missing")
+        check = checks.get(name)
+        if check is None:
+            continue
+        size = file.stat().st_size
+        if size != check.get("size"):
+            raise _damaged(path, name, f"is {size} bytes, the manifest recorded {check.get('size')} "
+                                       f"(truncated or overwritten)")
+        blocks, block = int(check.get("sample_blocks", SAMPLE_BLOCKS)), int(check.get("sample_block", SAMPLE_BLOCK))
+        if _sample_sha256(file, size, blocks, block) != check.get("sample_sha256"):
+            raise _damaged(path, name, "is damaged (its content differs from the checksum recorded at prepare time)")
+    _signals(path, manifest, finite_sample=16)
+    return manifest
+
+
+def _signals(path: Path, manifest: dict, finite_sample: int = 0) -> np.ndarray:
+    """``signals.npy`` memory-mapped, its shape and type checked; ``finite_sample`` records scanned."""
+    try:
+        signals = np.load(path / "signals.npy", mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        raise _damaged(path, "signals.npy", f"is unreadable ({exc})") from None
+    dtype = manifest.get("dtype", "float32")
+    if list(signals.shape) != list(manifest.get("shape", [])) or signals.dtype != np.dtype(dtype):
+        raise _damaged(path, "signals.npy", f"holds {list(signals.shape)} {signals.dtype}, the manifest says "
+                                            f"{manifest.get('shape')} {dtype}")
+    if finite_sample and len(signals):
+        rows = np.unique(np.linspace(0, len(signals) - 1, min(finite_sample, len(signals))).round().astype(int))
+        if not np.isfinite(signals[rows]).all():
+            raise _damaged(path, "signals.npy", "holds non-finite values (NaN or inf)")
+    return signals
+
+
 def open_cache(path: str | Path) -> tuple[RecordSet, dict]:
     """The cached records (signals memory-mapped, read-only) and the manifest.
 
+    Runs :func:`check_cache` first: a missing, truncated or damaged file is a :class:`DataError`.
     ``signals`` has the cache's storage type (float16 for a float16 cache); the loaders and
     every conversion in :func:`ssl4ecg.data.build.adapt_cached` give float32.
     """
     path = Path(path).expanduser()
-    manifest = read_manifest(path)
+    manifest = check_cache(path)
+    signals = _signals(path, manifest)
+    n = len(signals)
     try:
-        signals = np.load(path / "signals.npy", mmap_mode="r")
-        meta = np.load(path / "meta.npz")
-        labels = np.load(path / "labels.npy") if manifest.get("class_names") is not None else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cache {path} is damaged ({exc}); prepare it again with --force") from None
-    dtype = manifest.get("dtype", "float32")
-    if list(signals.shape) != list(manifest["shape"]) or signals.dtype != np.dtype(dtype):
-        raise DataError(f"cache {path}: signals.npy holds {list(signals.shape)} {signals.dtype}, the manifest "
-                        f"says {manifest['shape']} {dtype}; prepare it again with --force")
-    extra = {k[len("extra_"):]: meta[k] for k in meta.files if k.startswith("extra_")}
-    records = RecordSet(
-        signals=signals,
-        leads=tuple(manifest["leads"]),
-        sampling_rate=float(manifest["sampling_rate"]),
-        record_ids=meta["record_ids"],
-        patient_ids=meta["patient_ids"],
-        splits=meta["splits"],
-        labels=labels,
-        class_names=tuple(manifest.get("class_names") or ()),
-        extra=extra,
-        dropped=[(str(r), str(reason)) for r, reason in manifest.get("dropped", [])],
-        integrity=dict(manifest.get("integrity", {})),
-    )
+        with np.load(path / "meta.npz") as meta:
+            arrays = {k: meta[k] for k in meta.files}
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and format errors alike mean a damaged file
+        raise _damaged(path, "meta.npz", f"is unreadable ({type(exc).__name__}: {exc})") from None
+    for key in ("record_ids", "patient_ids", "splits"):
+        if key not in arrays:
+            raise _damaged(path, "meta.npz", f"has no {key!r} array")
+    for key, arr in arrays.items():
+        if arr.ndim != 1 or len(arr) != n:
+            raise _damaged(path, "meta.npz", f"holds {key} of shape {list(arr.shape)} for {n} records")
+    labels = None
+    class_names = tuple(manifest.get("class_names") or ())
+    if manifest.get("class_names") is not None:
+        try:
+            labels = np.load(path / "labels.npy")
+        except Exception as exc:  # noqa: BLE001
+            raise _damaged(path, "labels.npy", f"is unreadable ({type(exc).__name__}: {exc})") from None
+        if labels.shape != (n, len(class_names)):
+            raise _damaged(path, "labels.npy", f"holds {list(labels.shape)}, expected [{n}, {len(class_names)}] "
+                                               f"({n} records, {len(class_names)} classes)")
+    extra = {k[len("extra_"):]: v for k, v in arrays.items() if k.startswith("extra_")}
+    try:
+        records = RecordSet(
+            signals=signals,
+            leads=tuple(manifest["leads"]),
+            sampling_rate=float(manifest["sampling_rate"]),
+            record_ids=arrays["record_ids"],
+            patient_ids=arrays["patient_ids"],
+            splits=arrays["splits"],
+            labels=labels,
+            class_names=class_names,
+            extra=extra,
+            dropped=[(str(r), str(reason)) for r, reason in manifest.get("dropped", [])],
+            integrity=dict(manifest.get("integrity", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(path, "manifest.json or meta.npz", f"does not describe the records ({exc})") from None
     return records, manifest
 
 
+def count_nonfinite(path: str | Path, chunk: int = 256) -> int:
+    """NaN and inf values in the cache's ``signals.npy`` (a full scan, chunk by chunk)."""
+    path = Path(path).expanduser()
+    signals = _signals(path, read_manifest(path))
+    bad = 0
+    for start in range(0, len(signals), chunk):
+        bad += int(np.count_nonzero(~np.isfinite(signals[start:start + chunk])))
+    return bad
+
+
 def verify_cache(path: str | Path) -> list[str]:
-    """Files of the cache whose SHA-256 differs from the manifest (empty list = intact)."""
+    """Files of the cache that are missing or whose SHA-256 differs from the manifest, plus
+    ``signals.npy`` if it holds NaN or inf (empty list = intact). Reads every byte."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
     bad = []
-    for name, digest in manifest.get("files", {}).items():
-        if not (path / name).exists() or _sha256(path / name) != digest:
+    for name in _expected_files(manifest):
+        digest = manifest.get("files", {}).get(name)
+        if not (path / name).is_file() or (digest is not None and _sha256(path / name) != digest):
             bad.append(name)
+    if "signals.npy" not in bad:
+        try:
+            if count_nonfinite(path):
+                bad.append("signals.npy")
+        except DataError:
+            bad.append("signals.npy")
     return bad

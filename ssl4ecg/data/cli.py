@@ -65,6 +65,8 @@ def prepare_command(
     from ssl4ecg.registry import get_registry
 
     try:
+        if workers < 0:
+            raise ConfigError(f"--workers {workers} is invalid: give a number of processes >= 0 (0 = every core).")
         options = parse_set(set_ or [])
         for key in ("source", "path", "cache", "mixture"):
             if key in options:
@@ -89,15 +91,22 @@ def prepare_command(
 @data_app.command("info")
 def info_command(
     cache: Path = typer.Argument(..., help="a cache folder made by `ssl4ecg data prepare`"),
-    verify: bool = typer.Option(False, "--verify", help="recompute the SHA-256 checksums"),
+    verify: bool = typer.Option(False, "--verify", help="recompute the full SHA-256 checksums and scan "
+                                                         "the signals for NaN/inf"),
     dropped: int = typer.Option(5, "--dropped", help="dropped records to list"),
 ) -> None:
-    """Summarise a prepared cache: source, preprocessing, splits, classes, drops."""
-    from ssl4ecg.data.cache import read_manifest, verify_cache
+    """Summarise a prepared cache: source, preprocessing, splits, classes, drops.
+
+    Always checks the files' sizes and sampled-page digests (a missing or damaged file fails);
+    ``--verify`` reads every byte.
+    """
+    from ssl4ecg.data.cache import check_cache, read_manifest, verify_cache
 
     try:
         m = read_manifest(cache)
         bad = verify_cache(cache) if verify else []
+        if not bad:
+            check_cache(cache, m)
     except Ssl4ecgError as exc:
         raise _fail(exc) from None
     counts = m["counts"]

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ssl4ecg.errors import ConfigError
+from ssl4ecg.errors import ConfigError, DataError
 from ssl4ecg.interfaces import EvalContext, Encoder
 
 
@@ -102,4 +102,23 @@ def extract_features(
     if not out:
         dim = int(getattr(encoder, "embed_dim", 0))
         return np.zeros((0, dim), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    features = np.concatenate(out).astype(np.float32, copy=False)
+    check_finite_features(features, records)
+    return features
+
+
+def check_finite_features(features: np.ndarray, records) -> None:
+    """Refuse non-finite features, naming the records and whether their signals or the encoder are at fault."""
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if not len(bad):
+        return
+    ids = [str(records.record_ids[i]) for i in bad[:5]]
+    damaged = [i for i in bad if not np.isfinite(np.asarray(records.signals[i], dtype=np.float32)).all()]
+    if damaged:
+        raise DataError(
+            f"{len(damaged)} record(s) hold NaN/inf signal values (e.g. {', '.join(ids)}), so their features "
+            "are not finite. The data is damaged: check the cache with `ssl4ecg data info CACHE --verify` "
+            "and prepare it again with --force.")
+    raise DataError(
+        f"the encoder gives non-finite features for {len(bad)} record(s) with finite signals (e.g. "
+        f"{', '.join(ids)}): its weights are damaged or it overflows; check the encoder file or evaluate in fp32.")

@@ -381,7 +381,8 @@ class Trainer:
                 f"{self.cfg['max_skipped']}; the first at step {self.state.first_bad_step})")
         return (f"{head}; that update was not applied. {where} Start the run again with a lower learning rate "
                 f"(--set train.lr=...), --set train.grad_clip=1.0, --set train.precision=fp32, or "
-                f"--set train.nan_policy=skip to skip such steps.")
+                f"--set train.nan_policy=skip to skip such steps. If the data may be damaged, check a cache with "
+                f"`ssl4ecg data info CACHE --verify`.")
 
     def summary(self) -> dict[str, Any]:
         st = self.state
