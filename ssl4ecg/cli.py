@@ -43,6 +43,9 @@ def run(
     try:
         if resume is None and recipe is None:
             raise typer.BadParameter("give a RECIPE file or --resume RUN_DIR")
+        if resume is not None and recipe is not None and not _same_file(recipe, resume / "recipe.toml"):
+            raise Ssl4ecgError(f"--resume {resume} continues with that run's own recipe.toml, which is fixed; "
+                               f"RECIPE {recipe} would be ignored: give only --resume {resume}")
         parsed = None if resume is not None else load_recipe(recipe, set_)
         if resume is not None and set_:
             raise Ssl4ecgError("--set cannot change a resumed run; its recipe.toml is fixed")
@@ -53,6 +56,14 @@ def run(
     if dist.is_rank0():
         print_metrics(metrics, run_dir)
     dist.shutdown()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one existing file (links and relative paths resolved)."""
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 @app.command("eval")
@@ -150,8 +161,14 @@ def embed(
     except Ssl4ecgError as exc:
         _fail(exc)
         return
-    err_console.print(f"wrote {summary['records']} embeddings of dimension {summary['dim']} to {summary['out']}"
-                      + (f" ({summary['dropped']} records dropped, see the cache manifest)" if summary["dropped"] else ""))
+    err_console.print(f"wrote {summary['records']} embeddings of dimension {summary['dim']} to {summary['out']}",
+                      markup=False, highlight=False)
+    if summary["dropped"]:
+        n = summary["dropped"]
+        err_console.print(f"{n} record{' could not be used and is' if n == 1 else 's could not be used and are'} "
+                          f"not embedded "
+                          f"(e.g. {'; '.join(summary['dropped_examples'])}); every record and its reason: "
+                          f"{summary['dropped_file']}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("import")

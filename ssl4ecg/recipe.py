@@ -338,6 +338,16 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<memory>") -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file and apply ``--set section.key=value`` overrides."""
     path = Path(path)
+    if path.is_dir():
+        tomls = sorted(p.name for p in path.glob("*.toml"))
+        if (path / "recipe.toml").is_file():  # a run directory keeps the recipe it ran
+            hint = (f"give a recipe .toml file, e.g. {path / 'recipe.toml'} (to continue an interrupted "
+                    f"run directory: `ssl4ecg run --resume {path}`)")
+        elif tomls:
+            hint = f"give one of its recipe files, e.g. {path / tomls[0]} ({len(tomls)} .toml files there)"
+        else:
+            hint = "give a recipe .toml file; recipes ship in the repository's recipes/ folder"
+        raise ConfigError(f"recipe {path} is a directory, not a recipe file: {hint}.")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}. Recipes ship in the repository's recipes/ folder.")
     raw = _parse_toml(path.read_text(encoding="utf-8"), str(path))

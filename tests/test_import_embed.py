@@ -74,4 +74,4 @@ def test_embed_real_records_with_ids(tmp_path, reference_checkpoint, shared_data
     assert result.exit_code == 0, result.output
     assert np.load(out2).shape == (10, 64)
     rows = (tmp_path / "emb.csv").read_text().splitlines()
-    assert rows[0] == "row,record_id,patient_id,split" and len(rows) == 11
+    assert rows[0] == "row,record_id,patient_id,split,labels" and len(rows) == 11

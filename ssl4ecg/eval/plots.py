@@ -31,19 +31,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "plot"
 
 
+#: colour index of records without any positive class in multi-label data
+NO_LABEL = -1
+
+
+def rarest_positive_class(labels: np.ndarray) -> np.ndarray:
+    """One class index per record of multi-hot ``labels`` ``[N, C]`` (values > 0.5 are positive).
+
+    A record's colour is its positive class that is rarest in the whole set (ties: the lower
+    index), so a class that mostly co-occurs with a common one (PTB-XL's MI and HYP with
+    NORM/STTC/CD) still shows; records without a positive class get :data:`NO_LABEL`.
+    """
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    counts = y.sum(axis=0)
+    # rank each record's positives by the set-wide count; argmax keeps the first of equals
+    score = np.where(y, -counts[None, :], -np.inf)
+    out = np.argmax(score, axis=1)
+    return np.where(y.any(axis=1), out, NO_LABEL)
+
+
 def plot_tsne(
     features: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: Path,
     seed: int = 0, perplexity: float = 30.0, max_points: int = 2000, title: str = "",
 ) -> Path:
     """2-D t-SNE (scikit-learn) of ``features`` ``[N, D]`` coloured by class index ``labels`` ``[N]``.
 
-    At most ``max_points`` records (a seeded random subset) are embedded; the perplexity is capped
-    below the number of points.
+    Multi-hot ``labels`` ``[N, C]`` (multi-label data) colour each record by its rarest positive
+    class (:func:`rarest_positive_class`), which the legend title says. At most ``max_points`` records (a
+    seeded random subset) are embedded; the perplexity is capped below the number of points.
     """
     from sklearn.manifold import TSNE
 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
+    multi_label = y.ndim == 2 and y.shape[1] > 1
+    if y.ndim == 2:
+        y = rarest_positive_class(y) if multi_label else y[:, 0]
+    if y.ndim != 1:
+        raise ConfigError(f"t-SNE labels must be class indices [N] or multi-hot [N, C]; got shape {y.shape}.")
     if len(x) != len(y) or len(x) < 3:
         raise ConfigError(f"t-SNE needs at least 3 records with one label each; got {len(x)} features, {len(y)} labels.")
     if len(x) > max_points:
@@ -56,13 +81,17 @@ def plot_tsne(
     cmap = matplotlib.colormaps["tab10" if len(np.unique(y)) <= 10 else "tab20"]
     for c in np.unique(y):
         sel = y == c
-        name = class_names[int(c)] if int(c) < len(class_names) else str(c)
-        color = cmap(int(c) % cmap.N)
+        if multi_label and int(c) == NO_LABEL:
+            name, color = "no positive class", "lightgrey"
+        else:
+            name = class_names[int(c)] if 0 <= int(c) < len(class_names) else str(c)
+            color = cmap(int(c) % cmap.N)
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=f"{name} ({int(sel.sum())})", color=color)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or "t-SNE of embeddings")
-    ax.legend(markerscale=2, fontsize=8, loc="best")
+    ax.legend(markerscale=2, fontsize=8, loc="best",
+              title="multi-label: rarest positive class" if multi_label else None, title_fontsize=8)
     return _save(fig, path)
 
 
@@ -182,4 +211,4 @@ def write_plots(run_dirs: Sequence[Path], out_dir: Path, tsne: bool = True) -> l
     return written
 
 
-__all__ = ["plot_tsne", "plot_loss_curves", "plot_metric_bars", "write_plots", "read_log", "load_run"]
+__all__ = ["plot_tsne", "rarest_positive_class", "plot_loss_curves", "plot_metric_bars", "write_plots", "read_log", "load_run"]
