@@ -38,6 +38,31 @@ def _ssl4ecg(args: list[str], env: dict | None = None) -> subprocess.CompletedPr
                           timeout=300, env=full_env)
 
 
+def _with_plugin(tmp_path: Path, dist: str, module: str, source: str) -> dict:
+    """Install a test plugin under ``tmp_path``; the environment that makes subprocesses see it."""
+    _install(tmp_path, dist, module, source)
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+
+def _tiny_conv_recipe(tmp_path: Path, name: str, n_records: int, train_and_evals: str) -> Path:
+    """A recipe training the test plugin's tiny_conv encoder on synthetic data; ``train_and_evals`` holds
+    the ``[train]`` lines and any ``[[eval]]`` tables."""
+    recipe = tmp_path / f"{name}.toml"
+    recipe.write_text(f"""
+[run]
+name = "{name}"
+[data]
+source = "synthetic"
+n_records = {n_records}
+sampling_rate = 100.0
+[encoder]
+name = "tiny_conv"
+[objective]
+name = "predict_lead_rms"
+[train]{train_and_evals}""")
+    return recipe
+
+
 def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -67,21 +92,8 @@ def test_jepa_ddp_replicas_identical_and_resume_in_one_process(tmp_path):
 
 
 def test_ddp_loss_matches_single_process_on_the_same_global_batch(tmp_path):
-    _install(tmp_path, "ext-ssl-plugin", "ext_ssl_plugin", EXTERNAL_PLUGIN)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    recipe = tmp_path / "rms.toml"
-    recipe.write_text("""
-[run]
-name = "rms"
-[data]
-source = "synthetic"
-n_records = 96
-sampling_rate = 100.0
-[encoder]
-name = "tiny_conv"
-[objective]
-name = "predict_lead_rms"
-[train]
+    env = _with_plugin(tmp_path, "ext-ssl-plugin", "ext_ssl_plugin", EXTERNAL_PLUGIN)
+    recipe = _tiny_conv_recipe(tmp_path, "rms", 96, """
 epochs = 1
 max_steps = 5
 lr = 1e-3
@@ -126,22 +138,9 @@ class SlowEvaluator(Evaluator):
 
 def test_evaluation_longer_than_the_group_timeout_does_not_kill_the_job(tmp_path):
     """Only rank 0 evaluates; the other ranks must not wait for it in a collective that times out."""
-    _install(tmp_path, "ext-slow-plugin", "ext_slow_plugin", SLOW_EVAL_PLUGIN)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    env = {**_with_plugin(tmp_path, "ext-slow-plugin", "ext_slow_plugin", SLOW_EVAL_PLUGIN),
            "SSL4ECG_DIST_TIMEOUT_MINUTES": "0.1"}  # 6 s; the evaluator takes 15 s
-    recipe = tmp_path / "slow.toml"
-    recipe.write_text("""
-[run]
-name = "slow"
-[data]
-source = "synthetic"
-n_records = 64
-sampling_rate = 100.0
-[encoder]
-name = "tiny_conv"
-[objective]
-name = "predict_lead_rms"
-[train]
+    recipe = _tiny_conv_recipe(tmp_path, "slow", 64, """
 epochs = 1
 max_steps = 2
 batch_size = 8
